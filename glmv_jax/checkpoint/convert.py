@@ -1,0 +1,84 @@
+"""Orbax checkpoints of the params, and conversion to and from Hugging Face folders.
+
+An orbax checkpoint here is a folder holding:
+
+    config.json   the model config in the HF 5.x layout (`to_hf_dict`), so `load_config(folder)` reads it
+    params/       an orbax `StandardCheckpointer` checkpoint of the params pytree: the plain nested dict
+                  of arrays that `init_params` / `load_hf_checkpoint` give (per-layer leaves stacked on a
+                  leading layer axis, e.g. decoder/layers/q/kernel (num_layers, hidden, heads, head_dim))
+
+Restoring builds its target from config.json alone (`jax.eval_shape` of `init_params`), so the tree,
+every shape and the dtype are checked against the config and no random weights are ever computed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from glmv_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from glmv_jax.config import GlmvConfig, from_hf_dict, to_hf_dict
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def save_orbax_params(path: str | os.PathLike, config: GlmvConfig, params: dict) -> None:
+    """Write `path/config.json` and the orbax checkpoint `path/params`; returns once both are on disk.
+
+    `params` is the nested dict of arrays (any one float dtype); `path/params` must not exist yet.
+    """
+    path = Path(path).resolve()
+    if (path / PARAMS_DIR).exists():
+        raise FileExistsError(f"{path / PARAMS_DIR} already exists; remove it or choose another destination")
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype).name
+    with ocp.StandardCheckpointer() as checkpointer:  # saves asynchronously; wait, then `close` on exit
+        checkpointer.save(path / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+    (path / CONFIG_FILE).write_text(json.dumps(to_hf_dict(config, layout="5.x", dtype=dtype), indent=2))
+
+
+def abstract_params(config: GlmvConfig, dtype: Any = "float32") -> dict:
+    """The params tree of `config` as `jax.ShapeDtypeStruct`s, every leaf in `dtype` on the default device."""
+    from glmv_jax.model.glmv import init_params
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda: init_params(config))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=sharding), shapes)
+
+
+def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32") -> tuple[GlmvConfig, dict]:
+    """Read a folder written by `save_orbax_params` into (config, params), every leaf a jax array in `dtype`."""
+    path = Path(path).resolve()
+    missing = [name for name in (CONFIG_FILE, PARAMS_DIR) if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a glmv orbax checkpoint, missing {' and '.join(missing)} "
+                                f"(expected {CONFIG_FILE} beside the orbax folder {PARAMS_DIR}/)")
+    config = from_hf_dict(json.loads((path / CONFIG_FILE).read_text()))
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            params = checkpointer.restore(path / PARAMS_DIR, abstract_params(config, dtype))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{path / PARAMS_DIR} does not match {path / CONFIG_FILE}: {e}") from e
+    return config, params
+
+
+def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = "float32") -> None:
+    """HF folder (config.json + safetensors) -> orbax folder `dst` (config.json + params/), params in `dtype`."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such Hugging Face model folder")
+    config, params = load_hf_checkpoint(src, dtype=dtype)
+    save_orbax_params(dst, config, params)
+
+
+def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = "float32") -> None:
+    """Orbax folder written by `hf_to_orbax` / `save_orbax_params` -> HF folder `dst` with weights in `dtype`."""
+    config, params = load_orbax_params(src, dtype=dtype)
+    save_hf_checkpoint(dst, config, params)

@@ -1,0 +1,85 @@
+"""The GLM-4 decoder: token embedding, a scanned stack of sandwich-norm layers, final norm, lm head."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glmv_jax.config import TextConfig
+from glmv_jax.model import rope
+from glmv_jax.model.layers import DEFAULT_INIT, RMSNorm, attention, dense
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nn.Module):
+    """x + norm(Attn(norm(x))), then x + norm(MLP(norm(x))): four RMSNorms a layer.
+
+    x (B, T, hidden); cos, sin (B, T, rotary_dim); segment (B, T) (0 = padding); index (B, T) causal order.
+    """
+
+    config: TextConfig
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment, index):
+        cfg, pd = self.config, self.param_dtype
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name=name)  # noqa: E731
+        y = norm("input_norm")(x)
+        q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=True, name="q",
+                  param_dtype=pd)(y)
+        k = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k",
+                  param_dtype=pd)(y)
+        v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v",
+                  param_dtype=pd)(y)
+        q, k = rope.apply_text_rope(q, cos, sin), rope.apply_text_rope(k, cos, sin)
+        out = attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
+        y = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="o", in_dims=2,
+                  param_dtype=pd)(out)
+        x = x + norm("post_attn_norm")(y)
+
+        y = norm("pre_mlp_norm")(x)
+        gate_up = dense((2, cfg.intermediate_size), ("embed", "stack", "mlp"), use_bias=False, name="gate_up",
+                        param_dtype=pd)(y)
+        y = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down",
+                  param_dtype=pd)(gate_up[..., 1, :] * nn.silu(gate_up[..., 0, :]))
+        return x + norm("post_mlp_norm")(y), None
+
+
+class Decoder(nn.Module):
+    """Embeddings in, logits out; `embed_tokens` is exposed so visual features can be scattered in between."""
+
+    config: TextConfig
+    tie_word_embeddings: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
+
+    def setup(self):
+        cfg = self.config
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype,
+                              embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
+        layer = DecoderLayer
+        if self.remat_policy != "none":
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.param_dtype)
+        self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype)
+        if not self.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 param_dtype=self.param_dtype)
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """(B, T) int -> (B, T, hidden) in the embedding's dtype."""
+        return self.embed(input_ids)
+
+    def __call__(self, x: jax.Array, position_ids: jax.Array, segment: jax.Array, index: jax.Array) -> jax.Array:
+        """x (B, T, hidden), position_ids (3, B, T) -> logits (B, T, vocab) in the parameters' dtype."""
+        cos, sin = rope.text_cos_sin(position_ids, self.config, x.dtype)
+        x, _ = self.layers(x, cos, sin, segment, index)
+        x = self.norm(x)
+        return self.embed.attend(x) if self.tie_word_embeddings else self.lm_head(x)

@@ -1,0 +1,123 @@
+"""Rotary position embeddings and the 3D position ids of GLM-4.1V.
+
+Vision: 2D RoPE, `rotate_half` (NeoX) style over the whole head, frequencies [h | w | h | w], f32.
+Text: 3D M-RoPE, partial (first `rotary_dim` dims), interleaved (GPT-J) pairs (2j, 2j+1); each of
+the `rotary_dim / 2` frequencies reads the t, h or w position by `mrope_section`.
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+from glmv_jax.config import GlmvConfig, TextConfig
+
+
+def inverse_frequencies(dim: int, theta: float) -> jax.Array:
+    """`1 / theta^(2j / dim)` for j < dim / 2, float32."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+# ----------------------------------------------------------------------------------- vision
+
+def vision_cos_sin(rows: jax.Array, cols: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (N, head_dim) float32 for patches at (rows, cols) (N,)."""
+    inv = inverse_frequencies(head_dim // 2, theta)  # head_dim / 4 frequencies per axis
+    angles = jnp.concatenate([rows[:, None] * inv, cols[:, None] * inv], axis=-1).astype(jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_vision_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (..., N, heads, D) rotated in float32 with `rotate_half`, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- text
+
+def text_cos_sin(position_ids: jax.Array, config: TextConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (B, T, rotary_dim) in `dtype` from position_ids (3, B, T) = (t, h, w)."""
+    inv = inverse_frequencies(config.rotary_dim, config.rope_theta)
+    freqs = position_ids[..., None].astype(jnp.float32) * inv  # (3, B, T, rotary_dim / 2)
+    bounds = [0, *itertools.accumulate(config.mrope_section)]
+    freqs = jnp.concatenate([freqs[axis, ..., lo:hi] for axis, (lo, hi) in enumerate(zip(bounds, bounds[1:]))],
+                            axis=-1)
+    cos = jnp.repeat(jnp.cos(freqs), 2, axis=-1).astype(dtype)
+    sin = jnp.repeat(jnp.sin(freqs), 2, axis=-1).astype(dtype)
+    return cos, sin
+
+
+def apply_text_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, heads, D): rotate pairs (2j, 2j+1) of the first cos.shape[-1] dims; the rest pass through."""
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    pairs = xr.reshape(*xr.shape[:-1], rot // 2, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xr.shape)
+    out = xr * cos[:, :, None] + rotated * sin[:, :, None]
+    return jnp.concatenate([out.astype(x.dtype), xp], axis=-1)
+
+
+# --------------------------------------------------------------------------- position ids
+
+def token_types(config: GlmvConfig, input_ids: jax.Array) -> jax.Array:
+    """0 text, 1 image, 2 video: `<|image|>` tokens inside `<|begin_of_video|> ... <|end_of_video|>` are video."""
+    is_visual = input_ids == config.image_token_id
+    opened = jnp.cumsum(input_ids == config.video_start_token_id, axis=-1)
+    closed = jnp.cumsum(input_ids == config.video_end_token_id, axis=-1)
+    return jnp.where(is_visual, jnp.where(opened > closed, 2, 1), 0).astype(jnp.int32)
+
+
+def frame_layout(grid_thw: jax.Array, ranks: jax.Array, merge: int) -> tuple[jax.Array, ...]:
+    """Where the visual token of global rank r falls: (merged row i, merged col j, merged h', w').
+
+    grid_thw (G, 3) in patch units (rows of zeros are padding); ranks (...) count visual tokens of
+    that modality in batch-major order. Each grid row is t frames of h' x w' merged tokens, row-major.
+    """
+    tokens_per_frame = grid_thw[:, 1] * grid_thw[:, 2] // (merge * merge)
+    ends = jnp.cumsum(grid_thw[:, 0] * tokens_per_frame)
+    grid = jnp.clip(jnp.searchsorted(ends, ranks, side="right"), 0, grid_thw.shape[0] - 1)
+    local = ranks - (ends[grid] - grid_thw[grid, 0] * tokens_per_frame[grid])
+    h, w = grid_thw[grid, 1] // merge, grid_thw[grid, 2] // merge
+    k = local % jnp.maximum(h * w, 1)
+    return k // jnp.maximum(w, 1), k % jnp.maximum(w, 1), h, w
+
+
+def get_rope_index(config: GlmvConfig, input_ids: jax.Array, *, image_grid_thw: jax.Array | None = None,
+                   video_grid_thw: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                   mm_token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """3D positions (3, B, T) and rope deltas (B, 1), equal to transformers 5.x `get_rope_index`.
+
+    Text tokens advance all three axes by one. Every image, and every frame pair of a video, is a
+    block of h' x w' merged tokens placed at (st, st + i, st + j) that advances the position by
+    max(h', w'). Padding (attention_mask == 0) gets position 0; `rope_deltas = max + 1 - L` with L
+    the row's number of real tokens (the 5.x convention). Jittable; grids may carry zero rows.
+    """
+    input_ids = jnp.asarray(input_ids)
+    b, t = input_ids.shape
+    mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    types = token_types(config, input_ids) if mm_token_type_ids is None else jnp.asarray(mm_token_type_ids)
+    types = jnp.where(mask, types, 0)
+    merge = config.vision.spatial_merge_size
+
+    row = jnp.zeros((b, t), jnp.int32)
+    col = jnp.zeros((b, t), jnp.int32)
+    advance = mask.astype(jnp.int32)  # text: +1 per real token
+    for kind, grid in ((1, image_grid_thw), (2, video_grid_thw)):
+        if grid is None:
+            continue
+        is_kind = types == kind
+        ranks = (jnp.cumsum(is_kind.reshape(-1)) - 1).reshape(b, t)
+        i, j, h, w = frame_layout(jnp.asarray(grid, jnp.int32), jnp.maximum(ranks, 0), merge)
+        last_of_frame = i * w + j == h * w - 1
+        row = jnp.where(is_kind, i, row)
+        col = jnp.where(is_kind, j, col)
+        advance = jnp.where(is_kind, jnp.where(last_of_frame, jnp.maximum(h, w), 0), advance)
+    start = jnp.cumsum(advance, axis=-1) - advance  # exclusive: the running position before each token
+    positions = jnp.stack([start, start + row, start + col]) * mask[None]
+    length = mask.sum(-1, keepdims=True)
+    rope_deltas = jnp.max(positions, axis=(0, 2))[:, None] + 1 - length
+    return positions.astype(jnp.int32), rope_deltas.astype(jnp.int32)

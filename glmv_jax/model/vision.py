@@ -1,0 +1,136 @@
+"""The GLM-4.1V vision tower: patch embed -> RMSNorm -> + resampled positions -> blocks -> RMSNorm -> 2x2 downsample.
+
+Input `pixel_values` (N, C*T*P*P) holds every image's patches back to back in the 2x2 merge-window
+order; N may be padded past the real patches (a shape bucket), padded rows are ignored and their
+outputs are garbage. `grid_thw` (G, 3) gives (t, h, w) per image or video in patch units; rows of
+zeros are padding. Attention stays inside each (image, frame pair) without any N x N mask.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from glmv_jax.config import VisionConfig
+from glmv_jax.model import rope
+from glmv_jax.model.layers import RMSNorm, SwiGLU, attention, dense
+
+BICUBIC_A = -0.75  # PyTorch's Keys constant, used by grid_sample
+
+
+def patch_layout(grid_thw: jax.Array, num_patches: int, merge: int) -> dict[str, jax.Array]:
+    """Per patch (N,): its row and column in its image, the image's h and w, and its attention segment.
+
+    Segments number every frame pair of every grid from 1; padding patches get segment 0.
+    """
+    grid_thw = jnp.asarray(grid_thw, jnp.int32)
+    t, h, w = grid_thw[:, 0], grid_thw[:, 1], grid_thw[:, 2]
+    ends = jnp.cumsum(t * h * w)
+    n = jnp.arange(num_patches)
+    g = jnp.clip(jnp.searchsorted(ends, n, side="right"), 0, grid_thw.shape[0] - 1)
+    local = n - (ends[g] - t[g] * h[g] * w[g])
+    frame_size = jnp.maximum(h[g] * w[g], 1)
+    frame, p = local // frame_size, local % frame_size
+    window, inside = p // (merge * merge), p % (merge * merge)
+    windows_per_row = jnp.maximum(w[g] // merge, 1)
+    rows = (window // windows_per_row) * merge + inside // merge
+    cols = (window % windows_per_row) * merge + inside % merge
+    first_segment = jnp.cumsum(t) - t
+    real = n < ends[-1]
+    segment = jnp.where(real, first_segment[g] + frame + 1, 0).astype(jnp.int32)
+    # padding patches get a harmless 2x2 image at (0, 0) so nothing downstream divides by zero
+    keep = lambda x, pad: jnp.where(real, x, pad)  # noqa: E731
+    return {"rows": keep(rows, 0), "cols": keep(cols, 0), "h": keep(h[g], merge), "w": keep(w[g], merge),
+            "segment": segment}
+
+
+def _cubic_weights(frac: jax.Array) -> jax.Array:
+    """Keys cubic weights (..., 4) of the taps at -1, 0, 1, 2 for a fractional offset in [0, 1)."""
+    a = BICUBIC_A
+
+    def near(d):  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return jnp.stack([far(frac + 1), near(frac), near(1 - frac), far(2 - frac)], axis=-1)
+
+
+def bicubic_matrix(coord: jax.Array, size: jax.Array, side: int) -> jax.Array:
+    """(N, side) weights sampling a `side`-long table at patch `coord` of `size`, as torch grid_sample.
+
+    align_corners=False and padding_mode="border": the source coordinate is (c + 0.5) * side / size - 0.5,
+    each of the 4 taps is clamped to the table, so clamped taps add up on the border entry.
+    """
+    normalized = ((coord.astype(jnp.float32) + 0.5) / size.astype(jnp.float32)) * 2 - 1
+    source = ((normalized + 1) * side - 1) / 2
+    base = jnp.floor(source)
+    weights = _cubic_weights(source - base)
+    taps = jnp.clip(base.astype(jnp.int32)[:, None] + jnp.arange(-1, 3), 0, side - 1)
+    return jnp.sum(jax.nn.one_hot(taps, side, dtype=jnp.float32) * weights[..., None], axis=1)
+
+
+def resample_positions(table: jax.Array, layout: dict[str, jax.Array], side: int) -> jax.Array:
+    """The learned (side*side, D) table resampled bicubically at every patch: (N, D) float32."""
+    wy = bicubic_matrix(layout["rows"], layout["h"], side)
+    wx = bicubic_matrix(layout["cols"], layout["w"], side)
+    weights = (wy[:, :, None] * wx[:, None, :]).reshape(wy.shape[0], side * side)
+    return jnp.dot(weights, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm block: x + Attn(norm1(x)), then x + SwiGLU(norm2(x)) of width out_hidden_size."""
+
+    config: VisionConfig
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array):
+        cfg, pd = self.config, self.param_dtype
+        y = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="norm1")(x)
+        qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "head_dim"),
+                    use_bias=cfg.attention_bias, name="qkv", param_dtype=pd)(y)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q, k = rope.apply_vision_rope(q, cos, sin), rope.apply_vision_rope(k, cos, sin)
+        seg = segment[None]
+        out = attention(q[None], k[None], v[None], q_segment=seg, kv_segment=seg)[0]
+        x = x + dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="proj", in_dims=2,
+                      param_dtype=pd)(out)
+        y = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="norm2")(x)
+        return x + SwiGLU(cfg.out_hidden_size, param_dtype=pd, name="mlp")(y), None
+
+
+class VisionTower(nn.Module):
+    """pixel_values (N, patch_dim), grid_thw (G, 3) -> downsampled features (N / merge^2, out_hidden_size).
+
+    N must be a multiple of merge^2. Pass pixels in the parameters' dtype (the reference casts them too).
+    """
+
+    config: VisionConfig
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
+        cfg, pd = self.config, self.param_dtype
+        n, merge = pixel_values.shape[0], cfg.spatial_merge_size
+        layout = patch_layout(grid_thw, n, merge)
+
+        x = dense(cfg.hidden_size, ("patch", "embed"), use_bias=True, name="patch_embed", param_dtype=pd)(pixel_values)
+        x = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="post_conv_norm")(x)
+        table = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                     ("positions", "embed")),
+                           (cfg.position_grid ** 2, cfg.hidden_size), pd)
+        x = x + resample_positions(table, layout, cfg.position_grid).astype(table.dtype)
+
+        cos, sin = rope.vision_cos_sin(layout["rows"], layout["cols"], cfg.head_dim, cfg.rope_theta)
+        block = nn.remat(VisionBlock) if self.remat else VisionBlock
+        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = blocks(cfg, pd, name="blocks")(x, cos, sin, layout["segment"])
+        x = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="post_norm")(x)
+        x = x.reshape(n // (merge * merge), merge * merge * cfg.hidden_size)
+        return dense(cfg.out_hidden_size, ("patch", "embed"), use_bias=True, name="downsample",
+                     param_dtype=pd)(x)
