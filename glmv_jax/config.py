@@ -169,8 +169,17 @@ def _build(cls, data: dict[str, Any], where: str, **extra: Any):
     for f in dataclasses.fields(cls):
         if f.name in data:
             value = data[f.name]
-            values[f.name] = tuple(value) if isinstance(value, list) else value
+            if f.name in _TUPLE_FIELDS:
+                if f.name == "eos_token_id" and isinstance(value, int):
+                    value = [value]
+                if not isinstance(value, (list, tuple)):
+                    raise ConfigError(f"{where}.{f.name} must be a list, got {value!r}")
+                value = tuple(value)
+            values[f.name] = value
     return cls(**values, **extra)
+
+
+_TUPLE_FIELDS = {"mrope_section", "eos_token_id"}
 
 
 def _positive(cfg, *names: str) -> None:

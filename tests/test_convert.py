@@ -76,18 +76,26 @@ def test_orbax_restores_in_requested_dtype(hf_folder, tmp_path):
     _assert_same_tree(params, hf_params)
 
 
-def test_cli_convert_to_orbax(hf_folder, tmp_path):
+def test_cli_convert_both_ways(hf_folder, tmp_path):
     _, src = hf_folder
-    dst = tmp_path / "orbax"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-m", "glmv_jax.cli", "convert", str(src), str(dst), "--to", "orbax"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "converted" in run.stdout
-    config, params = load_orbax_params(dst)
+
+    def glmv(*args):
+        run = subprocess.run([sys.executable, "-m", "glmv_jax.cli", *map(str, args)],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "converted" in run.stdout
+
+    glmv("convert", src, tmp_path / "orbax", "--to", "orbax")
+    config, params = load_orbax_params(tmp_path / "orbax")
     hf_config, hf_params = load_hf_checkpoint(src)
     assert config == hf_config
     _assert_same_tree(params, hf_params)
+
+    glmv("convert", tmp_path / "orbax", tmp_path / "back", "--to", "hf")
+    back_config, back_params = load_hf_checkpoint(tmp_path / "back")
+    assert back_config == hf_config
+    _assert_same_tree(back_params, hf_params)
 
 
 def test_missing_sources_name_what_is_missing(hf_folder, tmp_path):
@@ -112,7 +120,13 @@ def test_orbax_params_must_match_config(hf_folder, tmp_path):
     data = json.loads(config_file.read_text())
     data["text_config"]["intermediate_size"] = 100
     config_file.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match=r"does not match .*decoder/layers/down/kernel has shape "
+                                              r"\(3, 96, 80\), expected \(3, 100, 80\)"):
+        load_orbax_params(tmp_path / "orbax")
+    data["text_config"]["intermediate_size"] = 96
+    data["tie_word_embeddings"] = True
+    config_file.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="unexpected decoder/lm_head/kernel"):
         load_orbax_params(tmp_path / "orbax")
 
 

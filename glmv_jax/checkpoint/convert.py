@@ -7,8 +7,9 @@ An orbax checkpoint here is a folder holding:
                   of arrays that `init_params` / `load_hf_checkpoint` give (per-layer leaves stacked on a
                   leading layer axis, e.g. decoder/layers/q/kernel (num_layers, hidden, heads, head_dim))
 
-Restoring builds its target from config.json alone (`jax.eval_shape` of `init_params`), so the tree,
-every shape and the dtype are checked against the config and no random weights are ever computed.
+Restoring builds its target from config.json alone (`jax.eval_shape` of `init_params`, so no weights
+are computed): the saved tree and every shape are checked against it before any array is read, and
+the arrays are cast to the requested dtype as they are read.
 """
 from __future__ import annotations
 
@@ -61,12 +62,32 @@ def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32") -> tup
         raise FileNotFoundError(f"{path}: not a glmv orbax checkpoint, missing {' and '.join(missing)} "
                                 f"(expected {CONFIG_FILE} beside the orbax folder {PARAMS_DIR}/)")
     config = from_hf_dict(json.loads((path / CONFIG_FILE).read_text()))
+    target = abstract_params(config, dtype)
     with ocp.StandardCheckpointer() as checkpointer:
-        try:
-            params = checkpointer.restore(path / PARAMS_DIR, abstract_params(config, dtype))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{path / PARAMS_DIR} does not match {path / CONFIG_FILE}: {e}") from e
+        # Compare trees before reading any array: orbax's own mismatch error comes mid-read, for one
+        # leaf, and leaves the other reads pending.
+        saved = _shapes(checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree)
+        wanted = _shapes(target)
+        problems = [f"missing {k}" for k in sorted(wanted.keys() - saved.keys())]
+        problems += [f"unexpected {k}" for k in sorted(saved.keys() - wanted.keys())]
+        problems += [f"{k} has shape {saved[k]}, expected {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
+                     if saved[k] != wanted[k]]
+        if problems:
+            shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} problems)" if len(problems) > 10 else "")
+            raise CheckpointError(f"{path / PARAMS_DIR} does not match {path / CONFIG_FILE}: {shown}")
+        params = checkpointer.restore(path / PARAMS_DIR, target)
     return config, params
+
+
+def _shapes(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{"decoder/layers/q/kernel": shape, ...} of a nested dict of arrays or array metadata."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_shapes(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = tuple(value.shape)
+    return out
 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = "float32") -> None:
@@ -74,6 +95,8 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = 
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such Hugging Face model folder")
+    if (Path(dst) / PARAMS_DIR).exists():  # fail before reading the weights, not after
+        raise FileExistsError(f"{Path(dst) / PARAMS_DIR} already exists; remove it or choose another destination")
     config, params = load_hf_checkpoint(src, dtype=dtype)
     save_orbax_params(dst, config, params)
 
