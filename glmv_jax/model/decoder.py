@@ -20,13 +20,16 @@ class DecoderLayer(nn.Module):
     """x + norm(Attn(norm(x))), then x + norm(MLP(norm(x))): four RMSNorms a layer.
 
     x (B, T, hidden); cos, sin (B, T, rotary_dim); segment (B, T) (0 = padding); index (B, T) causal order.
+    Without `kv`, attends to its own keys and returns them: (x, (k, v)) with k, v (B, T, K, D).
+    With `kv` = (k, v) caches (B, S, K, D), writes this step's keys at `kv_meta["write_pos"]`, attends
+    to the whole cache (valid slots: `kv_meta["segment"]` (B, S) != 0) and returns the updated caches.
     """
 
     config: TextConfig
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment, index):
+    def __call__(self, x, cos, sin, segment, index, kv=None, kv_meta=None):
         cfg, pd = self.config, self.param_dtype
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name=name)  # noqa: E731
         y = norm("input_norm")(x)
@@ -37,7 +40,14 @@ class DecoderLayer(nn.Module):
         v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v",
                   param_dtype=pd)(y)
         q, k = rope.apply_text_rope(q, cos, sin), rope.apply_text_rope(k, cos, sin)
-        out = attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
+        if kv is None:
+            out = attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
+        else:
+            at = (0, kv_meta["write_pos"], 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
+            slots = jnp.broadcast_to(jnp.arange(k.shape[1]), kv_meta["segment"].shape)
+            out = attention(q, k, v, q_segment=segment, kv_segment=kv_meta["segment"], q_index=index, kv_index=slots)
         y = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="o", in_dims=2,
                   param_dtype=pd)(out)
         x = x + norm("post_attn_norm")(y)
@@ -47,7 +57,7 @@ class DecoderLayer(nn.Module):
                         param_dtype=pd)(y)
         y = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down",
                   param_dtype=pd)(gate_up[..., 1, :] * nn.silu(gate_up[..., 0, :]))
-        return x + norm("post_mlp_norm")(y), None
+        return x + norm("post_mlp_norm")(y), (k, v)
 
 
 class Decoder(nn.Module):
@@ -66,7 +76,7 @@ class Decoder(nn.Module):
         if self.remat_policy != "none":
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                              in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast), length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.param_dtype)
         self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype)
         if not self.tie_word_embeddings:
@@ -77,9 +87,16 @@ class Decoder(nn.Module):
         """(B, T) int -> (B, T, hidden) in the embedding's dtype."""
         return self.embed(input_ids)
 
+    def hidden(self, x, position_ids, segment, index, kv=None, kv_meta=None):
+        """x (B, T, hidden), position_ids (3, B, T) -> (final-norm hidden (B, T, hidden), (k, v) (L, B, S, K, D))."""
+        cos, sin = rope.text_cos_sin(position_ids, self.config, x.dtype)
+        x, kv = self.layers(x, cos, sin, segment, index, kv, kv_meta)
+        return self.norm(x), kv
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """(..., hidden) -> (..., vocab) in the parameters' dtype."""
+        return self.embed.attend(h) if self.tie_word_embeddings else self.lm_head(h)
+
     def __call__(self, x: jax.Array, position_ids: jax.Array, segment: jax.Array, index: jax.Array) -> jax.Array:
         """x (B, T, hidden), position_ids (3, B, T) -> logits (B, T, vocab) in the parameters' dtype."""
-        cos, sin = rope.text_cos_sin(position_ids, self.config, x.dtype)
-        x, _ = self.layers(x, cos, sin, segment, index)
-        x = self.norm(x)
-        return self.embed.attend(x) if self.tie_word_embeddings else self.lm_head(x)
+        return self.logits(self.hidden(x, position_ids, segment, index)[0])

@@ -40,14 +40,21 @@ class Glmv(nn.Module):
         """pixel_values (N, patch_dim), grid_thw (G, 3) -> merged visual tokens (N / merge^2, hidden)."""
         return self.projector(self.vision(pixel_values, grid_thw))
 
-    def __call__(self, input_ids, position_ids, segment, token_types, *, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None):
-        """input_ids (B, T), position_ids (3, B, T), segment (B, T), token_types (B, T) -> logits (B, T, V)."""
+    def embed_inputs(self, input_ids, token_types, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                     video_grid_thw=None):
+        """Token embeddings (B, T, hidden) with image and video features scattered in at their placeholders."""
         x = self.decoder.embed_tokens(input_ids)
         if pixel_values is not None:
             x = scatter_visual(x, self.encode_visual(pixel_values, image_grid_thw), token_types == IMAGE)
         if pixel_values_videos is not None:
             x = scatter_visual(x, self.encode_visual(pixel_values_videos, video_grid_thw), token_types == VIDEO)
+        return x
+
+    def __call__(self, input_ids, position_ids, segment, token_types, *, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None):
+        """input_ids (B, T), position_ids (3, B, T), segment (B, T), token_types (B, T) -> logits (B, T, V)."""
+        x = self.embed_inputs(input_ids, token_types, pixel_values, image_grid_thw, pixel_values_videos,
+                              video_grid_thw)
         index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         return self.decoder(x, position_ids, segment, index)
 

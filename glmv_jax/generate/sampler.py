@@ -1,0 +1,234 @@
+"""Batched generation: one jitted prefill, then a `lax.while_loop` decode over a donated KV cache.
+
+Prompts are left-padded (to a length bucket) so every row writes its next token at the same cache
+slot; each row keeps its own 3D rope position (`max prefill position + 1 + k`, as transformers).
+The loop runs wholly on device; `steps_per_call` only sets how often control comes back to the host
+(for streaming), and the decode program compiles once per (batch, cache size, sampling settings).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glmv_jax.config import GlmvConfig
+from glmv_jax.model import inputs as model_inputs
+from glmv_jax.model import rope
+from glmv_jax.model.glmv import Glmv, params_dtype
+
+NOT_FORCING, FORCE_DONE = -1, -2
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen. Hashable: it is a static argument of the decode program.
+
+    temperature 0 is greedy. top_p 1.0 keeps the whole vocabulary; top_k 0 disables top-k.
+    thinking_budget: once a row has produced that many tokens without `think_end_id`, the tokens
+    `forced_answer_ids` (e.g. `</think>`, `<answer>`) are emitted next and the model finishes its answer.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    thinking_budget: int | None = None
+    think_end_id: int | None = None
+    forced_answer_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, "
+                             f"{self.top_p}, {self.top_k}")
+        if self.thinking_budget is not None and (self.think_end_id is None or not self.forced_answer_ids):
+            raise ValueError("a thinking_budget needs think_end_id and forced_answer_ids (e.g. </think>, <answer>)")
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array    # (B, N) int32: generated ids, pad_id after a row stopped
+    logprobs: jax.Array  # (B, N) float32: log p(token) under softmax(logits / temperature), 0 after stop
+    lengths: jax.Array   # (B,) int32: tokens generated, the stop token included
+    forced: jax.Array    # (B,) bool: the thinking budget ran out and the answer was forced
+
+
+# ------------------------------------------------------------------------------ token choice
+
+def log_probs(logits: jax.Array, temperature: float) -> jax.Array:
+    """log softmax(logits / temperature), float32 (temperature 0 counts as 1)."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / (temperature or 1.0), axis=-1)
+
+
+def choose(logits: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
+    """Next token (B,) from logits (B, V): greedy, or sampled after top-k and top-p filtering."""
+    if s.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits.astype(jnp.float32) / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(scaled, s.top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    if s.top_p < 1.0:
+        order = jnp.argsort(-scaled, axis=-1)
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        keep_ranked = jnp.cumsum(probs, axis=-1) - probs < s.top_p  # mass strictly above < top_p
+        keep = jnp.zeros_like(keep_ranked).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep_ranked)
+        scaled = jnp.where(keep, scaled, -jnp.inf)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------- programs
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_size"))
+def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, position_ids, pixel_values,
+            image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int):
+    """Run the prompt (B, T): last-position logits (B, V) float32 and K/V caches (L, B, cache_size, K, D)."""
+    dtype = params_dtype(params)
+    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+
+    def run(model: Glmv):
+        x = model.embed_inputs(input_ids, token_types, cast(pixel_values), image_grid_thw,
+                               cast(pixel_values_videos), video_grid_thw)
+        index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        h, kv = model.decoder.hidden(x, position_ids, attention_mask, index)
+        return model.decoder.logits(h[:, -1]).astype(jnp.float32), kv
+
+    logits, (k, v) = Glmv(config, dtype).apply({"params": params}, method=run)
+    pad = [(0, 0), (0, 0), (0, cache_size - input_ids.shape[1]), (0, 0), (0, 0)]
+    return logits, (jnp.pad(k, pad), jnp.pad(v, pad))
+
+
+def _feed(params, config: GlmvConfig, token, state):
+    """One decoder step for `token` (B,) at the cache slot `write_pos`: logits (B, V) float32, new caches."""
+    b = token.shape[0]
+    meta = {"write_pos": state["write_pos"], "segment": state["cache_segment"]}
+    positions = jnp.broadcast_to(state["next_pos"][None, :, None], (3, b, 1))
+    index = jnp.full((b, 1), state["write_pos"])
+
+    def run(model: Glmv):
+        h, kv = model.decoder.hidden(model.decoder.embed_tokens(token[:, None]), positions, jnp.ones((b, 1), jnp.int32),
+                                     index, state["kv"], meta)
+        return model.decoder.logits(h[:, 0]).astype(jnp.float32), kv
+
+    return Glmv(config, params_dtype(params)).apply({"params": params}, method=run)
+
+
+def _apply_budget(token, state, s: SamplingConfig):
+    """Override `token` with the forced answer where a row's thinking budget ran out; update the counters."""
+    forcing = state["force_step"] >= 0
+    forced_ids = jnp.array(s.forced_answer_ids, jnp.int32)
+    token = jnp.where(forcing, forced_ids[jnp.clip(state["force_step"], 0, len(s.forced_answer_ids) - 1)], token)
+    thinking = ~state["think_closed"] & ~state["done"]
+    closed = state["think_closed"] | (token == s.think_end_id)
+    count = state["think_count"] + thinking
+    step = jnp.where(forcing, state["force_step"] + 1, state["force_step"])
+    step = jnp.where(step >= len(s.forced_answer_ids), FORCE_DONE, step)
+    step = jnp.where((step == NOT_FORCING) & ~closed & (count >= s.thinking_budget), 0, step)
+    return token, {**state, "think_closed": closed, "think_count": count, "force_step": step,
+                   "forced": state["forced"] | forcing}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "steps"), donate_argnames=("state",))
+def decode(params, config: GlmvConfig, state: dict, *, sampling: SamplingConfig, steps: int) -> dict:
+    """Run up to `steps` decode steps on device (fewer if every row stopped); returns the new state."""
+    s = sampling
+    stop_at = jnp.minimum(state["step"] + steps, s.max_new_tokens)
+    eos = jnp.array(s.eos_ids or (-1,), jnp.int32)
+
+    def body(st):
+        key, sub = jax.random.split(st["rng"])
+        token = choose(st["logits"], sub, s)
+        if s.thinking_budget is not None:
+            token, st = _apply_budget(token, st, s)
+        logp = jnp.take_along_axis(log_probs(st["logits"], s.temperature), token[:, None], axis=-1)[:, 0]
+        done = st["done"]
+        token = jnp.where(done, s.pad_id, token)
+        st = {**st, "rng": key,
+              "tokens": st["tokens"].at[:, st["step"]].set(token),
+              "logprobs": st["logprobs"].at[:, st["step"]].set(jnp.where(done, 0.0, logp)),
+              "lengths": st["lengths"] + ~done,
+              "done": done | jnp.isin(token, eos),
+              "cache_segment": st["cache_segment"].at[:, st["write_pos"]].set(1)}
+        logits, kv = _feed(params, config, token, st)
+        return {**st, "logits": logits, "kv": kv, "step": st["step"] + 1, "write_pos": st["write_pos"] + 1,
+                "next_pos": st["next_pos"] + 1}
+
+    return jax.lax.while_loop(lambda st: (st["step"] < stop_at) & ~jnp.all(st["done"]), body, state)
+
+
+# ---------------------------------------------------------------------------------- driver
+
+def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, attention_mask=None,
+           pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+           mm_token_type_ids=None, seed: int = 0, steps_per_call: int | None = None,
+           on_tokens: Callable[[np.ndarray], None] | None = None, mesh=None) -> SampleOutput:
+    """Generate up to `sampling.max_new_tokens` tokens after each prompt row (left padding, like transformers).
+
+    `on_tokens`, if given, is called with the (B, n) tokens produced by each call of the decode
+    program (every `steps_per_call` steps), for streaming.
+    """
+    if mesh is not None:
+        raise NotImplementedError("generate(mesh=...) comes with the parallelism work; use mesh=None")
+    ids, mask, image_grid, video_grid = model_inputs.check_inputs(
+        config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids)
+    if not mask[:, -1].all():
+        raise model_inputs.InputError("prompts must be left-padded: the last column of attention_mask must be all 1")
+    types = (rope.token_types(config, jnp.asarray(ids)) if mm_token_type_ids is None
+             else jnp.asarray(mm_token_type_ids, jnp.int32))
+    b, t = ids.shape
+    length = model_inputs.bucket(t, minimum=32)
+    cache_size = -(-(length + sampling.max_new_tokens) // 128) * 128
+    if length + sampling.max_new_tokens > config.text.max_position_embeddings:
+        raise model_inputs.InputError(
+            f"prompt ({t} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings {config.text.max_position_embeddings}")
+    left = lambda x, v=0: jnp.pad(jnp.asarray(x), [(0, 0)] * (x.ndim - 1) + [(length - t, 0)], constant_values=v)  # noqa: E731
+    ids, mask, types = left(ids, sampling.pad_id), left(mask), left(types)
+    merge = config.vision.spatial_merge_size
+    pixel_values, image_grid = model_inputs.pad_visual(pixel_values, image_grid, merge)
+    pixel_values_videos, video_grid = model_inputs.pad_visual(pixel_values_videos, video_grid, merge)
+    positions, _ = rope.get_rope_index(config, ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
+                                       attention_mask=mask, mm_token_type_ids=types)
+    logits, kv = prefill(params, config, ids, mask, types, positions, pixel_values, image_grid,
+                         pixel_values_videos, video_grid, cache_size=cache_size)
+    n = sampling.max_new_tokens
+    state = {
+        "logits": logits, "kv": kv, "rng": jax.random.key(seed),
+        "cache_segment": jnp.pad(mask, [(0, 0), (0, cache_size - length)]),
+        "write_pos": jnp.int32(length), "next_pos": jnp.max(positions, axis=(0, 2)) + 1, "step": jnp.int32(0),
+        "tokens": jnp.full((b, n), sampling.pad_id, jnp.int32), "logprobs": jnp.zeros((b, n), jnp.float32),
+        "lengths": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
+        "think_closed": jnp.zeros((b,), bool), "think_count": jnp.zeros((b,), jnp.int32),
+        "force_step": jnp.full((b,), NOT_FORCING, jnp.int32), "forced": jnp.zeros((b,), bool),
+    }
+    steps = steps_per_call or n
+    while True:
+        before = int(state["step"]) if on_tokens else 0
+        state = decode(params, config, state, sampling=sampling, steps=steps)
+        step = int(state["step"])
+        if on_tokens:
+            on_tokens(np.asarray(state["tokens"][:, before:step]))
+        if step >= n or bool(jnp.all(state["done"])):
+            break
+    return SampleOutput(state["tokens"], state["logprobs"], state["lengths"], state["forced"])
+
+
+def generate(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None,
+             pixel_values_videos=None, video_grid_thw=None, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_id=None, seed: int = 0, mesh=None) -> jax.Array:
+    """New token ids (B, max_new_tokens) after each prompt; rows that stopped are filled with the pad id."""
+    eos = config.text.eos_token_id if eos_token_id is None else eos_token_id
+    eos = (eos,) if isinstance(eos, int) else tuple(eos)
+    pad = config.text.pad_token_id if config.text.pad_token_id is not None else (eos[0] if eos else 0)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, eos, pad)
+    return sample(params, config, input_ids, sampling=sampling, attention_mask=attention_mask,
+                  pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=video_grid_thw, seed=seed, mesh=mesh).tokens
