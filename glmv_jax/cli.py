@@ -1,4 +1,4 @@
-"""The `glmv` console script: convert (today), then train, generate, plan, bench and demo as they land."""
+"""The `glmv` console script: convert and generate (today), then train, plan, bench and demo as they land."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,106 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(path: str, dtype: str):
+    """(config, params) from an HF folder (safetensors) or an orbax folder written by `glmv convert`."""
+    from pathlib import Path
+
+    from glmv_jax.checkpoint import convert, hf
+
+    if (Path(path) / convert.PARAMS_DIR).is_dir():
+        return convert.load_orbax_params(path, dtype=dtype)
+    return hf.load_hf_checkpoint(path, dtype=dtype)
+
+
+def read_video(path: str, fps: float | None):
+    """A video as (frames (F, H, W, 3) uint8, fps): a folder of frame images sorted by name (at `fps`,
+    default 2) or an animated GIF/WebP/TIFF (fps from its frame duration unless given)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    from glmv_jax.data.processor import ProcessorError, load_image
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise ProcessorError(f"{p}: no frame images (png/jpg/webp/bmp) in this folder")
+        frames = [np.asarray(load_image(f)) for f in files]
+        return np.stack(frames), fps or 2.0
+    if not p.is_file():
+        raise ProcessorError(f"video file not found: {p}")
+    try:
+        with Image.open(p) as clip:
+            frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(clip)]
+            duration_ms = clip.info.get("duration") or 500
+    except Exception as e:  # PIL decoders raise OSError, SyntaxError, ValueError, EOFError...
+        raise ProcessorError(f"cannot decode video file {p}: {type(e).__name__}: {e}") from e
+    if len({f.shape for f in frames}) != 1:
+        raise ProcessorError(f"{p}: frames of different sizes")
+    return np.stack(frames), fps or 1000.0 / duration_ms
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from glmv_jax.data import chat
+    from glmv_jax.data.processor import ImageProcessor, VideoProcessor
+    from glmv_jax.data.tokenizer import Tokenizer, check_ids
+    from glmv_jax.generate.sampler import SamplingConfig, sample
+
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    config, params = load_model(args.model, dtype)
+    tokenizer = Tokenizer.from_file(args.tokenizer or args.model)
+    check_ids(tokenizer, {name: getattr(config, name) for name in (
+        "image_token_id", "image_start_token_id", "image_end_token_id", "video_start_token_id",
+        "video_end_token_id")})
+    content, extra = [], {}
+    if args.image:
+        images = ImageProcessor()(args.image)
+        content += [{"type": "image"} for _ in args.image]
+        extra.update(pixel_values=images["pixel_values"], image_grid_thw=images["image_grid_thw"])
+    if args.video:
+        frames, fps = read_video(args.video, args.video_fps)
+        video = VideoProcessor()(frames, video_fps=fps)
+        content.append({"type": "video"})
+        extra.update(pixel_values_videos=video["pixel_values_videos"], video_grid_thw=video["video_grid_thw"])
+    content.append({"type": "text", "text": args.prompt})
+    encoded = chat.encode([{"role": "user", "content": content}], tokenizer,
+                          image_grids=extra.get("image_grid_thw"), video_grids=extra.get("video_grid_thw"),
+                          video_timestamps=[video["frame_timestamps"]] if args.video else None,
+                          merge_size=config.vision.spatial_merge_size)
+    budget = {}
+    if args.thinking_budget is not None:
+        budget = dict(thinking_budget=args.thinking_budget, think_end_id=tokenizer.token_id("</think>"),
+                      forced_answer_ids=tuple(tokenizer.encode("</think>\n<answer>")))
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                              eos_ids=tokenizer.eos_ids, pad_id=tokenizer.eos_ids[0], **budget)
+    shown, printed = [], [""]
+
+    def stream(tokens: np.ndarray) -> None:
+        shown.extend(int(t) for t in tokens[0])
+        text = tokenizer.decode(shown[: _stop_index(shown, sampling.eos_ids)], skip_special_tokens=False)
+        if not text.endswith("\ufffd"):  # hold back a partial multi-byte character
+            print(text[len(printed[0]):], end="", flush=True)
+            printed[0] = text
+
+    ids = np.array([encoded["input_ids"]])
+    out = sample(params, config, ids, sampling=sampling, mm_token_type_ids=np.array([encoded["mm_token_type_ids"]]),
+                 seed=args.seed, steps_per_call=args.stream_every, on_tokens=stream, **extra)
+    final = tokenizer.decode(shown[: _stop_index(shown, sampling.eos_ids)])
+    print(final[len(printed[0]):])
+    forced = " (thinking budget reached: answer forced)" if bool(out.forced[0]) else ""
+    print(f"[{int(out.lengths[0])} tokens{forced}]", file=sys.stderr)
+    return 0
+
+
+def _stop_index(ids: list[int], eos: tuple[int, ...]) -> int:
+    return next((i for i, t in enumerate(ids) if t in eos), len(ids))
+
+
 def _not_yet(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"glmv {name}: not yet; it lands with its issue (see README)")
@@ -33,14 +133,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["orbax", "hf"], required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(run=_convert)
-    for name in ("demo", "train", "generate", "plan", "bench"):
+    p = sub.add_parser("generate", help="answer a prompt about images / a video, streaming to the terminal")
+    p.add_argument("--model", required=True, help="HF folder (safetensors + tokenizer) or orbax folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / .model (default: inside --model)")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    p.add_argument("--video", default=None, help="a folder of frames or an animated GIF/WebP")
+    p.add_argument("--video-fps", type=float, default=None, help="frame rate of a folder of frames")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--thinking-budget", type=int, default=None,
+                   help="force </think><answer> after this many thinking tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-every", type=int, default=8, help="tokens per device call between prints")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: bfloat16 on accelerators, float32 on CPU")
+    p.set_defaults(run=_generate)
+    for name in ("demo", "train", "plan", "bench"):
         sub.add_parser(name, help=f"{name} (not yet)").set_defaults(run=_not_yet(name))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        # bad input (files, configs, shapes): one clear line, no traceback, nothing half-done printed as a result
+        print(f"\nglmv {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

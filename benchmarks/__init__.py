@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against transformers (run with `python -m benchmarks.NAME`)."""

@@ -1,0 +1,1 @@
+"""Data pipeline: images, videos and text into model inputs (never imports glmv_jax.model)."""
