@@ -6,7 +6,8 @@ import pytest
 
 from glmv_jax import forward
 from glmv_jax.model.glmv import forward_jit
-from glmv_jax.model.inputs import InputError, bucket
+from glmv_jax.model.inputs import InputError
+from glmv_jax.shapes import bucket
 from reference import Prompt, batch
 
 

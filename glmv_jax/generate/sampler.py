@@ -19,6 +19,7 @@ from glmv_jax.config import GlmvConfig
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
 from glmv_jax.model.glmv import Glmv, params_dtype
+from glmv_jax.shapes import bucket, round_up
 
 NOT_FORCING, FORCE_DONE = -1, -2
 
@@ -184,8 +185,8 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
     types = (rope.token_types(config, jnp.asarray(ids)) if mm_token_type_ids is None
              else jnp.asarray(mm_token_type_ids, jnp.int32))
     b, t = ids.shape
-    length = model_inputs.bucket(t, minimum=32)
-    cache_size = -(-(length + sampling.max_new_tokens) // 128) * 128
+    length = bucket(t, minimum=32)
+    cache_size = round_up(length + sampling.max_new_tokens, 128)
     if length + sampling.max_new_tokens > config.text.max_position_embeddings:
         raise model_inputs.InputError(
             f"prompt ({t} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's "

@@ -8,6 +8,15 @@ import jax.numpy as jnp
 from glmv_jax.config import TextConfig
 from glmv_jax.model import rope
 from glmv_jax.model.layers import DEFAULT_INIT, RMSNorm, attention, dense
+from glmv_jax.parallel.context import in_mesh, sharded_attention
+from glmv_jax.parallel.mesh import constrain
+
+def attend(q, k, v, *, seq_axes=("context",), gather_kv=True, **masks):
+    """Decoder attention: sharded over the current mesh if there is one, else local."""
+    if in_mesh():
+        return sharded_attention(q, k, v, seq_axes=seq_axes, gather_kv=gather_kv, **masks)
+    return attention(q, k, v, **masks)
+
 
 REMAT_POLICIES = {
     "none": None,
@@ -32,6 +41,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, segment, index, kv=None, kv_meta=None):
         cfg, pd = self.config, self.param_dtype
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name=name)  # noqa: E731
+        x = constrain(x, ("batch", "length", "act_embed"))
         y = norm("input_norm")(x)
         q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=True, name="q",
                   param_dtype=pd)(y)
@@ -41,13 +51,14 @@ class DecoderLayer(nn.Module):
                   param_dtype=pd)(y)
         q, k = rope.apply_text_rope(q, cos, sin), rope.apply_text_rope(k, cos, sin)
         if kv is None:
-            out = attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
+            out = attend(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
         else:
             at = (0, kv_meta["write_pos"], 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
             slots = jnp.broadcast_to(jnp.arange(k.shape[1]), kv_meta["segment"].shape)
-            out = attention(q, k, v, q_segment=segment, kv_segment=kv_meta["segment"], q_index=index, kv_index=slots)
+            out = attend(q, k, v, q_segment=segment, kv_segment=kv_meta["segment"], q_index=index, kv_index=slots,
+                         seq_axes=(), gather_kv=False)
         y = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="o", in_dims=2,
                   param_dtype=pd)(out)
         x = x + norm("post_attn_norm")(y)

@@ -1,6 +1,7 @@
 """GLM-4.1V: vision tower + projector, visual features scattered into the token embeddings, decoder."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import flax.linen as nn
@@ -16,11 +17,10 @@ from glmv_jax.model.vision import VisionTower
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
-def scatter_visual(embeds: jax.Array, features: jax.Array, where: jax.Array) -> jax.Array:
-    """Put features (M, D) into embeds (B, T, D) at the True places of `where` (B, T), batch-major in order."""
-    b, t, d = embeds.shape
-    index = jnp.clip(jnp.cumsum(where.reshape(-1)) - 1, 0, features.shape[0] - 1)
-    return jnp.where(where[..., None], features[index].reshape(b, t, d).astype(embeds.dtype), embeds)
+def scatter_visual(embeds: jax.Array, features: jax.Array, where: jax.Array, rank: jax.Array) -> jax.Array:
+    """embeds (B, T, D) with features[rank] (features (M, D), rank (B, T)) at the True places of `where`."""
+    picked = features[jnp.clip(rank, 0, features.shape[0] - 1)]
+    return jnp.where(where[..., None], picked.astype(embeds.dtype), embeds)
 
 
 class Glmv(nn.Module):
@@ -41,21 +41,31 @@ class Glmv(nn.Module):
         return self.projector(self.vision(pixel_values, grid_thw))
 
     def embed_inputs(self, input_ids, token_types, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                     video_grid_thw=None):
-        """Token embeddings (B, T, hidden) with image and video features scattered in at their placeholders."""
+                     video_grid_thw=None, ranks=None):
+        """Token embeddings (B, T, hidden) with image and video features scattered in at their placeholders.
+
+        `ranks` = (image rank, video rank) per token (`rope.visual_ranks` in the original token
+        order); pass them when the tokens were reordered (context parallelism).
+        """
+        image_rank, video_rank = rope.visual_ranks(token_types) if ranks is None else ranks
         x = self.decoder.embed_tokens(input_ids)
         if pixel_values is not None:
-            x = scatter_visual(x, self.encode_visual(pixel_values, image_grid_thw), token_types == IMAGE)
+            x = scatter_visual(x, self.encode_visual(pixel_values, image_grid_thw), token_types == IMAGE, image_rank)
         if pixel_values_videos is not None:
-            x = scatter_visual(x, self.encode_visual(pixel_values_videos, video_grid_thw), token_types == VIDEO)
+            x = scatter_visual(x, self.encode_visual(pixel_values_videos, video_grid_thw), token_types == VIDEO,
+                               video_rank)
         return x
 
-    def __call__(self, input_ids, position_ids, segment, token_types, *, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None):
-        """input_ids (B, T), position_ids (3, B, T), segment (B, T), token_types (B, T) -> logits (B, T, V)."""
+    def __call__(self, input_ids, position_ids, segment, token_types, *, index=None, ranks=None, pixel_values=None,
+                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """input_ids (B, T), position_ids (3, B, T), segment (B, T), token_types (B, T) -> logits (B, T, V).
+
+        `index` (B, T) is each token's place in the causal order (default: its column).
+        """
         x = self.embed_inputs(input_ids, token_types, pixel_values, image_grid_thw, pixel_values_videos,
-                              video_grid_thw)
-        index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+                              video_grid_thw, ranks)
+        if index is None:
+            index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         return self.decoder(x, position_ids, segment, index)
 
 
@@ -64,21 +74,92 @@ def params_dtype(params) -> jnp.dtype:
     return params["decoder"]["embed"]["embedding"].dtype
 
 
-@functools.partial(jax.jit, static_argnames=("config", "remat_policy"))
-def forward_jit(params, config: GlmvConfig, input_ids, attention_mask, position_ids, mm_token_type_ids,
-                pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, remat_policy: str = "none"):
-    """The jitted forward on checked, bucketed inputs (see `glmv_jax.model.inputs`)."""
-    types = rope.token_types(config, input_ids) if mm_token_type_ids is None else mm_token_type_ids
+def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, position_ids=None,
+                 image_grid_thw=None, video_grid_thw=None, context: int = 1,
+                 extra: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """Everything per token the model reads, in the order it will run (load-balanced if context > 1).
+
+    segment_ids (B, T): 1 (or 1..k for packed examples) on real tokens, 0 on padding. Returns
+    input_ids, segment, token_types, position_ids (3, B, T), index (original column), ranks, and
+    `order` (the permutation applied; undo with `jnp.argsort(order)`). `extra` per-token (B, T)
+    arrays (e.g. targets, loss_mask) are returned under their names, reordered alike.
+    """
+    from glmv_jax.parallel.context import balanced_order, reorder
+
+    types = rope.token_types(config, input_ids) if token_types is None else token_types
+    types = jnp.where(segment_ids > 0, types, 0)
     if position_ids is None:
         position_ids, _ = rope.get_rope_index(config, input_ids, image_grid_thw=image_grid_thw,
-                                              video_grid_thw=video_grid_thw, attention_mask=attention_mask,
-                                              mm_token_type_ids=types)
+                                              video_grid_thw=video_grid_thw, mm_token_type_ids=types,
+                                              segment_ids=segment_ids)
+    b, t = input_ids.shape
+    order = balanced_order(t, context)
+    image_rank, video_rank = rope.visual_ranks(types)
+    tokens = {"input_ids": input_ids, "segment": segment_ids, "token_types": types, "position_ids": position_ids,
+              "index": jnp.broadcast_to(jnp.arange(t), (b, t)), "image_rank": image_rank, "video_rank": video_rank,
+              **(extra or {})}
+    if context > 1:
+        tokens = reorder(tokens, order, {"position_ids": 2})
+    return {**tokens, "order": jnp.asarray(order)}
+
+
+def apply(params, config: GlmvConfig, tokens: dict, visual: dict, remat_policy: str = "none") -> jax.Array:
+    """Logits (B, T, V) in the order of `tokens` (see `token_inputs`); visual = pixel values and grids."""
     dtype = params_dtype(params)
-    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
-    model = Glmv(config, dtype, remat_policy)
-    return model.apply({"params": params}, input_ids, position_ids, attention_mask.astype(jnp.int32), types,
-                       pixel_values=cast(pixel_values), image_grid_thw=image_grid_thw,
-                       pixel_values_videos=cast(pixel_values_videos), video_grid_thw=video_grid_thw)
+    visual = {k: (v.astype(dtype) if k.startswith("pixel") and v is not None else v) for k, v in visual.items()}
+    return Glmv(config, dtype, remat_policy).apply(
+        {"params": params}, tokens["input_ids"], tokens["position_ids"], tokens["segment"], tokens["token_types"],
+        index=tokens["index"], ranks=(tokens["image_rank"], tokens["video_rank"]), **visual)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "remat_policy", "context"))
+def forward_jit(params, config: GlmvConfig, input_ids, segment_ids, position_ids, mm_token_type_ids, pixel_values,
+                image_grid_thw, pixel_values_videos, video_grid_thw, remat_policy: str = "none", context: int = 1):
+    """The jitted forward on checked, bucketed inputs (see `glmv_jax.model.inputs`); logits in input order."""
+    tokens = token_inputs(config, input_ids, segment_ids, mm_token_type_ids, position_ids, image_grid_thw,
+                          video_grid_thw, context)
+    visual = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
+              "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
+    logits = apply(params, config, tokens, visual, remat_policy)
+    return jnp.take(logits, jnp.argsort(tokens["order"]), axis=1) if context > 1 else logits
+
+
+def forward(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None,
+            pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, position_ids=None, mesh=None,
+            segment_ids=None, remat_policy: str = "none"):
+    """Logits (B, T, vocab) of GLM-4.1V, as transformers' Glm4vForConditionalGeneration computes them.
+
+    Inputs are checked on the host first (shapes, vocabulary range, placeholder count against the
+    grids), then visual inputs are padded to shape buckets so that one compile serves many image
+    sizes. `mm_token_type_ids=None` reads video tokens as the placeholders between the video
+    start/end ids. `position_ids` (3, B, T) overrides the computed 3D positions; by default padding
+    gets position 0 and real tokens count from 0 (transformers does the same whenever it is given
+    image grids; its text-only forward counts pads too, so pass position_ids there to compare).
+    `segment_ids` (B, T) packs several examples per row (1..k, 0 padding) instead of attention_mask.
+    With `mesh`, runs sharded over it (params may already be placed with `param_shardings`).
+    """
+    if segment_ids is not None:
+        attention_mask = segment_ids
+    ids, mask, image_grid, video_grid = inputs.check_inputs(
+        config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+        mm_token_type_ids=mm_token_type_ids, position_ids=position_ids)
+    merge = config.vision.spatial_merge_size
+    pixel_values, image_grid = inputs.pad_visual(pixel_values, image_grid, merge)
+    pixel_values_videos, video_grid = inputs.pad_visual(pixel_values_videos, video_grid, merge)
+    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
+    context = 1
+    scope = contextlib.nullcontext()
+    if mesh is not None:
+        from glmv_jax.parallel import mesh as mesh_lib
+        mesh_lib.check_model(config, mesh)
+        mesh_lib.check_batch(mesh, ids.shape[0], ids.shape[1])
+        context = mesh.shape["context"]
+        scope = jax.set_mesh(mesh)
+    with scope:
+        return forward_jit(params, config, ids, mask, as_int(position_ids), as_int(mm_token_type_ids),
+                           pixel_values, image_grid, pixel_values_videos, video_grid, remat_policy=remat_policy,
+                           context=context)
 
 
 def init_params(config: GlmvConfig, seed: int = 0, dtype=jnp.float32):
@@ -105,26 +186,3 @@ def logical_axes(config: GlmvConfig):
     return nn.get_partition_spec(boxed)
 
 
-def forward(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None,
-            pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, position_ids=None, mesh=None,
-            remat_policy: str = "none"):
-    """Logits (B, T, vocab) of GLM-4.1V, as transformers' Glm4vForConditionalGeneration computes them.
-
-    Inputs are checked on the host first (shapes, vocabulary range, placeholder count against the
-    grids), then visual inputs are padded to shape buckets so that one compile serves many image
-    sizes. `mm_token_type_ids=None` reads video tokens as the placeholders between the video
-    start/end ids. `position_ids` (3, B, T) overrides the computed 3D positions.
-    """
-    if mesh is not None:
-        raise NotImplementedError("forward(mesh=...) comes with the parallelism work (parallel/mesh.py); "
-                                  "pass mesh=None to run on the default device")
-    ids, mask, image_grid, video_grid = inputs.check_inputs(
-        config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-        mm_token_type_ids=mm_token_type_ids, position_ids=position_ids)
-    merge = config.vision.spatial_merge_size
-    pixel_values, image_grid = inputs.pad_visual(pixel_values, image_grid, merge)
-    pixel_values_videos, video_grid = inputs.pad_visual(pixel_values_videos, video_grid, merge)
-    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
-    return forward_jit(params, config, ids, mask, as_int(position_ids), as_int(mm_token_type_ids),
-                       pixel_values, image_grid, pixel_values_videos, video_grid, remat_policy=remat_policy)

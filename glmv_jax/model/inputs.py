@@ -8,18 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from glmv_jax.config import GlmvConfig
+from glmv_jax.shapes import bucket, pow2, round_up
 
 
 class InputError(ValueError):
     """Model inputs that do not fit together."""
-
-
-def bucket(n: int, minimum: int = 64) -> int:
-    """Smallest of 2^k * {1, 1.25, 1.5, 1.75} (>= minimum) not below n: at most 25% padding."""
-    size = minimum
-    while size * 2 < n:
-        size *= 2
-    return next(int(size * step) for step in (1, 1.25, 1.5, 1.75, 2) if size * step >= n)
 
 
 def _count_types(config: GlmvConfig, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> np.ndarray:
@@ -93,10 +86,8 @@ def pad_visual(pixels, grid: np.ndarray | None, merge: int):
     if grid is None:
         return None, None
     rows = int(np.prod(grid, axis=1).sum())
-    target = bucket(rows)
-    target += -target % (merge * merge)
+    target = round_up(bucket(rows), merge * merge)
     pixels = np.asarray(pixels)
     pixels = np.concatenate([pixels, np.zeros((target - rows, pixels.shape[1]), pixels.dtype)])
-    grids = 1 << max(0, int(np.ceil(np.log2(len(grid)))))
-    grid = np.concatenate([grid, np.zeros((grids - len(grid), 3), np.int32)])
+    grid = np.concatenate([grid, np.zeros((pow2(len(grid)) - len(grid), 3), np.int32)])
     return pixels, grid

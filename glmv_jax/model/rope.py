@@ -86,18 +86,32 @@ def frame_layout(grid_thw: jax.Array, ranks: jax.Array, merge: int) -> tuple[jax
     return k // jnp.maximum(w, 1), k % jnp.maximum(w, 1), h, w
 
 
+def visual_ranks(types: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For image (1) and video (2) tokens of `types` (B, T): their rank among that modality's tokens,
+    counted batch-major in sequence order (the order features are scattered in). 0 elsewhere."""
+    out = []
+    for kind in (1, 2):
+        is_kind = types == kind
+        out.append(jnp.where(is_kind, (jnp.cumsum(is_kind.reshape(-1)) - 1).reshape(types.shape), 0))
+    return out[0], out[1]
+
+
 def get_rope_index(config: GlmvConfig, input_ids: jax.Array, *, image_grid_thw: jax.Array | None = None,
                    video_grid_thw: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                   mm_token_type_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   mm_token_type_ids: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """3D positions (3, B, T) and rope deltas (B, 1), equal to transformers 5.x `get_rope_index`.
 
     Text tokens advance all three axes by one. Every image, and every frame pair of a video, is a
     block of h' x w' merged tokens placed at (st, st + i, st + j) that advances the position by
     max(h', w'). Padding (attention_mask == 0) gets position 0; `rope_deltas = max + 1 - L` with L
-    the row's number of real tokens (the 5.x convention). Jittable; grids may carry zero rows.
+    the row's number of real tokens (the 5.x convention). With `segment_ids` (B, T) (packed
+    examples, 0 = padding) positions restart at 0 in every segment. Jittable; grids may carry zero rows.
     """
     input_ids = jnp.asarray(input_ids)
     b, t = input_ids.shape
+    if segment_ids is not None:
+        attention_mask = jnp.asarray(segment_ids) > 0
     mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     types = token_types(config, input_ids) if mm_token_type_ids is None else jnp.asarray(mm_token_type_ids)
     types = jnp.where(mask, types, 0)
@@ -106,17 +120,20 @@ def get_rope_index(config: GlmvConfig, input_ids: jax.Array, *, image_grid_thw: 
     row = jnp.zeros((b, t), jnp.int32)
     col = jnp.zeros((b, t), jnp.int32)
     advance = mask.astype(jnp.int32)  # text: +1 per real token
-    for kind, grid in ((1, image_grid_thw), (2, video_grid_thw)):
+    for kind, grid, ranks in zip((1, 2), (image_grid_thw, video_grid_thw), visual_ranks(types)):
         if grid is None:
             continue
         is_kind = types == kind
-        ranks = (jnp.cumsum(is_kind.reshape(-1)) - 1).reshape(b, t)
-        i, j, h, w = frame_layout(jnp.asarray(grid, jnp.int32), jnp.maximum(ranks, 0), merge)
+        i, j, h, w = frame_layout(jnp.asarray(grid, jnp.int32), ranks, merge)
         last_of_frame = i * w + j == h * w - 1
         row = jnp.where(is_kind, i, row)
         col = jnp.where(is_kind, j, col)
         advance = jnp.where(is_kind, jnp.where(last_of_frame, jnp.maximum(h, w), 0), advance)
     start = jnp.cumsum(advance, axis=-1) - advance  # exclusive: the running position before each token
+    if segment_ids is not None:  # restart at every segment: subtract the running position at its first token
+        seg = jnp.asarray(segment_ids)
+        first = seg != jnp.pad(seg, [(0, 0), (1, 0)], constant_values=-1)[:, :-1]
+        start = start - jax.lax.cummax(jnp.where(first, start, 0), axis=1)
     positions = jnp.stack([start, start + row, start + col]) * mask[None]
     length = mask.sum(-1, keepdims=True)
     rope_deltas = jnp.max(positions, axis=(0, 2))[:, None] + 1 - length

@@ -14,6 +14,10 @@ import jax.numpy as jnp
 from glmv_jax.config import VisionConfig
 from glmv_jax.model import rope
 from glmv_jax.model.layers import RMSNorm, SwiGLU, attention, dense
+from glmv_jax.parallel.context import in_mesh, sharded_attention
+from glmv_jax.parallel.mesh import RULES, constrain
+
+PATCH_AXES = RULES["patches"]
 
 BICUBIC_A = -0.75  # PyTorch's Keys constant, used by grid_sample
 
@@ -88,13 +92,18 @@ class VisionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array):
         cfg, pd = self.config, self.param_dtype
+        x = constrain(x, ("patches", "act_embed"))
         y = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="norm1")(x)
         qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "head_dim"),
                     use_bias=cfg.attention_bias, name="qkv", param_dtype=pd)(y)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = rope.apply_vision_rope(q, cos, sin), rope.apply_vision_rope(k, cos, sin)
         seg = segment[None]
-        out = attention(q[None], k[None], v[None], q_segment=seg, kv_segment=seg)[0]
+        if in_mesh():  # patches split over every non-tensor axis; keys gathered, attention per image
+            out = sharded_attention(q[None], k[None], v[None], q_segment=seg, kv_segment=seg,
+                                    seq_axes=PATCH_AXES, batch_axes=())[0]
+        else:
+            out = attention(q[None], k[None], v[None], q_segment=seg, kv_segment=seg)[0]
         x = x + dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="proj", in_dims=2,
                       param_dtype=pd)(out)
         y = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="norm2")(x)

@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, jitted steps, the trainer loop and its metrics."""
