@@ -113,6 +113,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import math
+    import os
+
+    from glmv_jax.parallel.mesh import parse_mesh
+
+    sizes = parse_mesh(args.mesh)
+    devices = math.prod(sizes.values())
+    if "jax" not in sys.modules:  # simulate the mesh's devices on the host CPU (before jax starts)
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from glmv_jax.config import load_config
+    from glmv_jax.parallel.plan import plan, report
+
+    config = load_config(args.config)
+    print(f"compiling the train step for {args.config} on {devices} simulated devices ...", file=sys.stderr)
+    result = plan(config, sizes, seq=args.seq, batch_per_replica=args.batch, image_tokens=args.image_tokens,
+                  remat_policy=args.remat)
+    print(report(result))
+    return 0
+
+
 def _stop_index(ids: list[int], eos: tuple[int, ...]) -> int:
     return next((i for i, t in enumerate(ids) if t in eos), len(ids))
 
@@ -151,7 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on accelerators, float32 on CPU")
     p.set_defaults(run=_generate)
-    for name in ("demo", "train", "plan", "bench"):
+    p = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices; print memory, "
+                                    "FLOPs, collectives and step times")
+    p.add_argument("--config", required=True, help="model config: preset name, YAML or HF config.json")
+    p.add_argument("--mesh", required=True, help="e.g. data=1,fsdp=1,context=4,tensor=2")
+    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--batch", type=int, default=1, help="sequences per data replica (data x fsdp)")
+    p.add_argument("--image-tokens", type=int, default=None, help="visual tokens per sequence (default seq/4)")
+    p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    p.set_defaults(run=_plan)
+    for name in ("demo", "train", "bench"):
         sub.add_parser(name, help=f"{name} (not yet)").set_defaults(run=_not_yet(name))
     return parser
 

@@ -122,3 +122,17 @@ def test_sizes_that_do_not_divide_are_caught(tiny_pair):
         forward(params, config, np.ones((3, 16), np.int32), mesh=mesh)
     with pytest.raises(mesh_lib.MeshError, match="16 devices"):
         mesh_lib.make_mesh(data=4, tensor=4)
+
+
+def test_load_hf_checkpoint_places_shards_directly(tiny_pair):
+    from glmv_jax import load_hf_checkpoint
+    config, _, params, path = tiny_pair
+    mesh = mesh_lib.make_mesh(data=2, tensor=2, context=2)
+    _, sharded = load_hf_checkpoint(path, mesh=mesh)
+    expected = mesh_lib.param_shardings(config, mesh)
+    for got, want, ref in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected), jax.tree.leaves(params)):
+        assert got.sharding.is_equivalent_to(want, got.ndim)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    gate_up = sharded["decoder"]["layers"]["gate_up"]["kernel"]  # (L, embed, 2, mlp) -> embed/2, mlp/2
+    assert gate_up.addressable_shards[0].data.shape == (gate_up.shape[0], gate_up.shape[1] // 2, 2,
+                                                        gate_up.shape[3] // 2)

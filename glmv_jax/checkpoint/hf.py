@@ -150,10 +150,10 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
     """Read an HF GLM-4.1V folder into (config, params) with params in `dtype`.
 
     Everything is checked first (architecture, shards present, every key with the expected shape);
-    then tensors are converted one at a time, each leaf placed on device before the next is read.
+    then tensors are converted one at a time. Without a mesh each leaf goes to the default device
+    before the next is read; with a mesh every device's shard is cut straight from the memory-mapped
+    file (`jax.make_array_from_callback`), so no device ever holds a full copy of a sharded weight.
     """
-    if mesh is not None:
-        raise NotImplementedError("load_hf_checkpoint(mesh=...) comes with the parallelism work; use mesh=None")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model folder?)")
@@ -172,20 +172,31 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
     if problems:
         shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} problems)" if len(problems) > 10 else "")
         raise CheckpointError(f"{path}: checkpoint does not match its config.json: {shown}")
+    shardings = None
+    if mesh is not None:
+        from glmv_jax.parallel.mesh import check_model, param_shardings
+        check_model(config, mesh)
+        shardings = param_shardings(config, mesh)
 
     dtype = jnp.dtype(dtype)
     params: dict = {}
     for entry in entries:
         keys = _keys(entry)
-        leaf = np.empty(((len(keys),) if entry.layers else ()) + entry.shape, dtype)
-        for i, key in enumerate(keys):
-            value = entry.to_ours(located[key].tensor(key))
-            if entry.layers:
-                leaf[i] = value
-            else:
-                leaf[...] = value
-        _set(params, entry.path, jax.device_put(leaf))
-        del leaf
+        shape = ((len(keys),) if entry.layers else ()) + entry.shape
+
+        def read(index, entry=entry, keys=keys):
+            """The block `index` (a tuple of slices of the leaf) in `dtype`, read layer by layer."""
+            if not entry.layers:
+                return np.asarray(entry.to_ours(located[keys[0]].tensor(keys[0]))[index], dtype)
+            layers = range(len(keys))[index[0]]
+            return np.stack([np.asarray(entry.to_ours(located[keys[i]].tensor(keys[i]))[index[1:]], dtype)
+                             for i in layers])
+
+        if shardings is None:
+            leaf = jax.device_put(read(tuple(slice(None) for _ in shape)))
+        else:
+            leaf = jax.make_array_from_callback(shape, _get(shardings, entry.path), read)
+        _set(params, entry.path, leaf)
     return config, params
 
 

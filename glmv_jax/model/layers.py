@@ -101,5 +101,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    out = jax.lax.map(lambda args: attend(*args), (split(q), split(q_segment), split(q_index)))
+    # each chunk's scores are recomputed in the backward pass, so memory stays O(chunk * S) there too
+    out = jax.lax.map(jax.checkpoint(lambda args: attend(*args)), (split(q), split(q_segment), split(q_index)))
     return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, d)[:, :t]

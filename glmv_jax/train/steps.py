@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from glmv_jax.config import GlmvConfig
 from glmv_jax.model.glmv import apply, token_inputs
@@ -11,12 +12,16 @@ from glmv_jax.train.losses import cross_entropy
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-def batch_loss(params, config: GlmvConfig, batch: dict, *, context: int = 1, remat_policy: str = "none"):
+def batch_loss(params, config: GlmvConfig, batch: dict, *, context: int = 1, remat_policy: str = "none",
+               compute_dtype=None):
     """Mean masked cross entropy of a packed batch and its token count.
 
     batch: input_ids, segment_ids, mm_token_type_ids, targets, loss_mask (B, T); pixel values and grids.
-    With context > 1 every per-token array is put in the load-balanced order once, here.
+    With context > 1 every per-token array is put in the load-balanced order once, here. With a
+    `compute_dtype` (e.g. bfloat16) the float32 master params are cast for the forward pass.
     """
+    if compute_dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
     tokens = token_inputs(config, batch["input_ids"], batch["segment_ids"], batch.get("mm_token_type_ids"),
                           batch.get("position_ids"), batch.get("image_grid_thw"), batch.get("video_grid_thw"),
                           context, extra={"targets": batch["targets"], "loss_mask": batch["loss_mask"]})
@@ -24,3 +29,52 @@ def batch_loss(params, config: GlmvConfig, batch: dict, *, context: int = 1, rem
     logits = apply(params, config, tokens, visual, remat_policy)
     total, count = cross_entropy(logits, tokens["targets"], tokens["loss_mask"])
     return total / jnp.maximum(count, 1.0), count
+
+
+# ------------------------------------------------------------------------------ train state
+
+def init_state(params, tx) -> dict:
+    """The train state pytree: step, params, optimizer state."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def state_shardings(abstract_state, param_shardings, mesh):
+    """Shardings of a train state: optimizer leaves shaped like a param (moments) share its sharding."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    by_path = {}
+    jax.tree_util.tree_map_with_path(lambda p, s: by_path.__setitem__(_keys(p), s), param_shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = _keys(path)
+        for start in range(len(keys)):  # the longest suffix that names a parameter
+            sharding = by_path.get(keys[start:])
+            if sharding is not None:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def _keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def train_step(state: dict, batch: dict, *, config: GlmvConfig, tx, context: int = 1, remat_policy: str = "none",
+               compute_dtype=None):
+    """One optimizer update on a packed batch: (new state, metrics {loss, grad_norm, tokens})."""
+    def loss_fn(params):
+        return batch_loss(params, config, batch, context=context, remat_policy=remat_policy,
+                          compute_dtype=compute_dtype)
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch: dict, *, config: GlmvConfig, context: int = 1):
+    """(mean loss, token count) without gradients."""
+    return batch_loss(params, config, batch, context=context)

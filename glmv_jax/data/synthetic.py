@@ -1,0 +1,515 @@
+"""Procedurally drawn images with verifiable answers, in four families that mirror the RL reward domains.
+
+* ``counting``   -- count the shapes of a colour and/or kind; the answer is a number (0..10);
+* ``arithmetic`` -- a rendered expression (``7 + 5``, ``12 ÷ 9``, ``3 + 4 × 2 = ?``); the answer is its exact
+  value, an integer or a reduced fraction ``p/q``;
+* ``ocr``        -- a rendered word, two words or a short code; the answer is the exact string;
+* ``grounding``  -- one object among distractors; the answer is its box ``[x1,y1,x2,y2]`` on the 0..1000 scale
+  (``x = pixel / width * 1000``; ``x1, y1`` rounded down and ``x2, y2`` rounded up from the exclusive pixel
+  edge, so the box always covers every drawn pixel of the object and is at most one scale unit loose).
+
+Every example is a pure function of ``(domain, seed)`` (a ``random.Random`` seeded with a string, so neither
+``PYTHONHASHSEED`` nor the numpy version matter). Images are RGB PIL images with sides in 56..448 px and free
+aspect ratios. Shapes are drawn without anti-aliasing, so their pixels have exactly their colour in
+:data:`COLORS`. Text uses Pillow's built-in default font (``ImageFont.load_default(size=...)``, a scalable
+FreeType font when Pillow has FreeType, else the bitmap font scaled up); nothing is downloaded. That font has
+no ``×``/``÷``/``−`` glyphs, so operators are drawn as lines and dots.
+
+The SFT reply (``target``) is ``chat.format_answer(thinking, answer)``:
+``<think>\\n…</think>\\n<answer><|begin_of_box|>{answer}<|end_of_box|></answer>``.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont, features
+
+from glmv_jax.data.chat import format_answer
+
+DOMAINS: tuple[str, ...] = ("counting", "arithmetic", "ocr", "grounding")
+
+MIN_SIDE, MAX_SIDE = 56, 448
+
+# Shape colours (exact pixel values: shapes are drawn without anti-aliasing).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 170),
+    "orange": (245, 130, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "light gray": (228, 228, 228),
+    "cream": (250, 243, 222),
+    "pale blue": (222, 234, 248),
+}
+INKS: dict[str, tuple[int, int, int]] = {  # text colours
+    "black": (20, 20, 20),
+    "dark blue": (25, 40, 120),
+    "dark red": (130, 20, 20),
+    "dark green": (20, 85, 35),
+}
+WORDS: tuple[str, ...] = (
+    "cat", "dog", "sun", "moon", "star", "tree", "bird", "fish", "book", "door", "lamp", "road", "ship", "rain",
+    "snow", "wind", "fire", "stone", "cloud", "bread", "milk", "glass", "clock", "chair", "table", "light",
+    "paper", "music", "water", "plant", "train", "horse", "heart", "smile", "apple", "house", "river", "green",
+    "seven", "north", "south", "happy", "quiet", "small", "zebra", "pizza", "robot", "jelly", "vivid", "maple",
+)
+CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve")
+GAP = 4  # minimum free pixels between the boxes of two shapes
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _rng(domain: str, seed: int) -> random.Random:
+    return random.Random(f"glmv-synthetic/{domain}/{int(seed)}")
+
+
+def example_seed(seed: int, index: int) -> int:
+    """The seed of example ``index`` of ``generate(..., seed=seed)``: a 63-bit hash of ``(seed, index)``."""
+    digest = hashlib.sha256(f"glmv-synthetic/{int(seed)}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _canvas(rng: random.Random, min_w: int = MIN_SIDE, min_h: int = MIN_SIDE) -> tuple[int, int]:
+    lo_w, lo_h = min(max(min_w, MIN_SIDE), MAX_SIDE), min(max(min_h, MIN_SIDE), MAX_SIDE)
+    return rng.randint(lo_w, MAX_SIDE), rng.randint(lo_h, MAX_SIDE)
+
+
+def _plural(n: int, noun: str) -> str:
+    word = NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+    return f"{word} {noun}" if n == 1 else f"{word} {noun}s"
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _join(items: Sequence[str]) -> str:
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _where(box: tuple[int, int, int, int], w: int, h: int) -> str:
+    """Coarse position of a pixel box: top left / top / ... / center / ... / bottom right."""
+    cx, cy = (box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return f"{row} {col}".strip() or "center"
+
+
+def _reading_order(box: tuple[int, int, int, int], h: int) -> tuple[int, int]:
+    return (int(3 * (box[1] + box[3]) / 2 / h), box[0])  # row band (thirds), then left to right
+
+
+# ------------------------------------------------------------------------------------------------ text
+@lru_cache(maxsize=None)
+def _freetype() -> bool:
+    return bool(features.check("freetype2"))
+
+
+@lru_cache(maxsize=64)
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def _bitmap_font():
+    load = getattr(ImageFont, "load_default_imagefont", None)
+    return load() if load is not None else ImageFont.load_default()
+
+
+def text_mask(text: str, size: int) -> Image.Image:
+    """A tight ``L`` mask of ``text`` about ``size`` px high (FreeType), or the bitmap font scaled up."""
+    if _freetype():
+        font = _font(size)
+        x0, y0, x1, y1 = font.getbbox(text)
+        mask = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
+        ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=font)
+        return mask
+    font = _bitmap_font()
+    x0, y0, x1, y1 = font.getbbox(text)
+    mask = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
+    ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=font)
+    scale = max(1, round(size / 11))
+    return mask.resize((mask.width * scale, mask.height * scale), Image.NEAREST)
+
+
+def _draw_operator(draw: ImageDraw.ImageDraw, op: str, x: int, cy: int, s: int, ink) -> None:
+    """``+ - × ÷ =`` as lines and dots in an ``s``-wide cell starting at ``x``, centred on height ``cy``."""
+    t = max(1, s // 6)
+    h = s // 2
+    cx = x + h
+    if op in "+-":
+        draw.line([(x, cy), (x + s, cy)], fill=ink, width=t)
+        if op == "+":
+            draw.line([(cx, cy - h), (cx, cy + h)], fill=ink, width=t)
+    elif op == "×":
+        d = int(h * 0.8)
+        draw.line([(cx - d, cy - d), (cx + d, cy + d)], fill=ink, width=t)
+        draw.line([(cx - d, cy + d), (cx + d, cy - d)], fill=ink, width=t)
+    elif op == "÷":
+        draw.line([(x, cy), (x + s, cy)], fill=ink, width=t)
+        r = max(1, t)
+        for dy in (-h + r, h - r):
+            draw.ellipse([cx - r, cy + dy - r, cx + r, cy + dy + r], fill=ink)
+    elif op == "=":
+        for dy in (-max(2, s // 5), max(2, s // 5)):
+            draw.line([(x, cy + dy), (x + s, cy + dy)], fill=ink, width=t)
+    else:
+        raise ValueError(f"unknown operator {op!r}")
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+def _shape_points(shape: str, x: int, y: int, s: int):
+    x1, y1 = x + s - 1, y + s - 1
+    if shape == "triangle":
+        return [(x + (s - 1) / 2, y), (x1, y1), (x, y1)]
+    if shape == "diamond":
+        return [(x + (s - 1) / 2, y), (x1, y + (s - 1) / 2), (x + (s - 1) / 2, y1), (x, y + (s - 1) / 2)]
+    return [x, y, x1, y1]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, s: int, fill) -> None:
+    pts = _shape_points(shape, x, y, s)
+    if shape == "circle":
+        draw.ellipse(pts, fill=fill)
+    elif shape == "square":
+        draw.rectangle(pts, fill=fill)
+    elif shape in ("triangle", "diamond"):
+        draw.polygon(pts, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _pixel_box(shape: str, x: int, y: int, s: int) -> tuple[int, int, int, int]:
+    """Tight box ``(x0, y0, x1, y1)`` (x1, y1 exclusive) of the pixels ``_draw_shape`` paints."""
+    mask = Image.new("1", (x + s + 2, y + s + 2), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, x, y, s, 1)
+    return mask.getbbox()
+
+
+def _layout(rng: random.Random, n: int, w: int, h: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """Positions ``(x, y, size)`` of ``n`` non-overlapping shapes (``GAP`` px apart); shrinks the shapes, then
+    grows the canvas, until they fit."""
+    smin = max(10, min(w, h) // 16)
+    smax = max(smin, min(64, min(w, h) // 4))
+    while True:
+        sizes = [rng.randint(smin, smax) for _ in range(n)]
+        placed: list[tuple[int, int, int]] = []
+        for s in sizes:
+            for _ in range(60):
+                x, y = rng.randint(1, max(1, w - s - 1)), rng.randint(1, max(1, h - s - 1))
+                if x + s < w and y + s < h and all(
+                        x + s + GAP <= px or px + ps + GAP <= x or y + s + GAP <= py or py + ps + GAP <= y
+                        for px, py, ps in placed):
+                    placed.append((x, y, s))
+                    break
+            else:
+                break
+        if len(placed) == n:
+            return w, h, placed
+        if smax > smin:
+            smax = max(smin, int(smax * 0.8))
+        elif smin > 10:
+            smin = smax = max(10, int(smin * 0.8))
+        else:
+            w, h = min(MAX_SIDE, w + 28), min(MAX_SIDE, h + 28)
+
+
+def _draw_objects(rng: random.Random, kinds: list[tuple[str, str]]):
+    """Draw ``kinds`` (colour, shape) on a fresh canvas; returns image, background name and the objects as
+    dicts with their tight pixel boxes."""
+    w, h = _canvas(rng)
+    w, h, places = _layout(rng, len(kinds), w, h)
+    bg = rng.choice(sorted(BACKGROUNDS))
+    img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for (color, shape), (x, y, s) in zip(kinds, places):
+        _draw_shape(draw, shape, x, y, s, COLORS[color])
+        objects.append({"color": color, "shape": shape, "box": _pixel_box(shape, x, y, s)})
+    return img, bg, objects
+
+
+def _scene_caption(bg: str, objects: list[dict]) -> str:
+    counts = Counter((o["color"], o["shape"]) for o in objects)
+    parts = [_plural(c, f"{color} {shape}") for (color, shape), c in sorted(counts.items())]
+    return f"A {bg} picture with {_join(parts)}."
+
+
+def normalize_box(box: tuple[int, int, int, int], w: int, h: int) -> list[int]:
+    """Pixel box (x1, y1 exclusive) -> ``[x1, y1, x2, y2]`` on the 0..1000 scale, covering the pixels."""
+    x0, y0, x1, y1 = box
+    return [max(0, (x0 * 1000) // w), max(0, (y0 * 1000) // h),
+            min(1000, -((-x1 * 1000) // w)), min(1000, -((-y1 * 1000) // h))]
+
+
+# ----------------------------------------------------------------------------------------- the families
+def _counting(rng: random.Random) -> dict:
+    mode = rng.choice(("color", "shape", "both"))
+    color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    match = {"color": lambda c, s: c == color, "shape": lambda c, s: s == shape,
+             "both": lambda c, s: c == color and s == shape}[mode]
+    noun = {"color": f"{color} shapes", "shape": f"{shape}s", "both": f"{color} {shape}s"}[mode]
+    k = rng.choices(range(8), weights=(1, 6, 6, 6, 5, 4, 3, 3))[0]
+    others = [(c, s) for c in sorted(COLORS) for s in SHAPES if not match(c, s)]
+    d = rng.randint(1 if k == 0 else 0, min(5, 10 - k))
+    if mode == "color":
+        targets = [(color, rng.choice(SHAPES)) for _ in range(k)]
+    elif mode == "shape":
+        targets = [(rng.choice(sorted(COLORS)), shape) for _ in range(k)]
+    else:
+        targets = [(color, shape)] * k
+    kinds = targets + [rng.choice(others) for _ in range(d)]
+    rng.shuffle(kinds)
+    img, bg, objects = _draw_objects(rng, kinds)
+    hits = sorted((o for o in objects if match(o["color"], o["shape"])),
+                  key=lambda o: _reading_order(o["box"], img.height))
+    question = rng.choice((f"How many {noun} are there in the image?", f"Count the {noun} in the picture.",
+                           f"How many {noun} can you see?"))
+    if hits:
+        seen = "; ".join(f"{i}. {_a(o['color'] + ' ' + o['shape'])} at the {_where(o['box'], *img.size)}"
+                         for i, o in enumerate(hits, 1))
+        thinking = (f"I need to count the {noun}. Going from top to bottom and left to right: {seen}. "
+                    f"That makes {k}.\n")
+    else:
+        thinking = (f"I need to count the {noun}. The picture only has "
+                    f"{_join(sorted({o['color'] + ' ' + o['shape'] for o in objects}))}, none of which is one of "
+                    f"the {noun}. So there are 0.\n")
+    return {"image": img, "question": question, "caption": _scene_caption(bg, objects), "thinking": thinking,
+            "answer": str(k), "ground_truth": k, "difficulty_hint": len(objects)}
+
+
+def _fmt(v: Fraction) -> str:
+    return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b, "÷": lambda a, b: a / b}
+_OP_WORDS = {"+": "plus", "-": "minus", "×": "times", "÷": "divided by"}
+
+
+def _operands(rng: random.Random, op: str) -> tuple[int, int]:
+    if op == "×":
+        return rng.randint(0, 12), rng.randint(0, 12)
+    if op == "÷":
+        b = rng.randint(1, 9)
+        return (b * rng.randint(0, 9) if rng.random() < 0.6 else rng.randint(1, 30)), b
+    return rng.randint(0, 20), rng.randint(0, 20)
+
+
+def _arithmetic(rng: random.Random) -> dict:
+    if rng.random() < 0.7:  # a op b
+        op = rng.choice(tuple(_OPS))
+        a, b = _operands(rng, op)
+        nums, ops = [a, b], [op]
+        value = _OPS[op](Fraction(a), Fraction(b))
+        if value.denominator == 1:
+            steps = f"{a} {_OP_WORDS[op]} {b} is {_fmt(value)}."
+        else:
+            steps = (f"{b} does not divide {a} evenly, so {a} ÷ {b} is the fraction {a}/{b}"
+                     + (f", which reduces to {_fmt(value)}." if value.denominator != b else "."))
+    else:  # a op1 b op2 c, with + - × and the usual precedence
+        op1, op2 = rng.choice("+-×"), rng.choice("+-×")
+        nums = [rng.randint(0, 12 if "×" in (op1, op2) else 20) for _ in range(3)]
+        a, b, c = nums
+        ops = [op1, op2]
+        if op2 == "×" and op1 != "×":
+            bc = b * c
+            value = Fraction(_OPS[op1](a, bc))
+            steps = f"Multiplication comes first: {b} × {c} = {bc}. Then {a} {op1} {bc} = {_fmt(value)}."
+        else:
+            ab = _OPS[op1](a, b)
+            value = Fraction(_OPS[op2](ab, c))
+            first = "Multiplication comes first" if op1 == "×" else "From left to right"
+            steps = f"{first}: {a} {op1} {b} = {ab}. Then {ab} {op2} {c} = {_fmt(value)}."
+    expr = " ".join(f"{n} {o}" for n, o in zip(nums, ops)) + f" {nums[-1]}"
+    ask = rng.random() < 0.5
+    img, bg, ink = _render_expression(rng, nums, ops, ask)
+    question = rng.choice((
+        "What is the value of the expression in the image?",
+        "Compute the result of the calculation shown.",
+        "Evaluate the expression in the picture. Give a fraction if the result is not a whole number.",
+    ))
+    thinking = f"The image shows {expr}{' = ?' if ask else ''}. {steps}\n"
+    caption = f"The expression {expr}{' = ?' if ask else ''} written in {ink} on a {bg} background."
+    gt = value.numerator if value.denominator == 1 else _fmt(value)
+    return {"image": img, "question": question, "caption": caption, "thinking": thinking,
+            "answer": _fmt(value), "ground_truth": gt, "difficulty_hint": sum(len(str(n)) for n in nums)}
+
+
+def _render_expression(rng: random.Random, nums: list[int], ops: list[str], ask: bool):
+    size = rng.randint(14, 44)
+    tokens: list[tuple[str, str]] = [("num", str(nums[0]))]
+    for o, n in zip(ops, nums[1:]):
+        tokens += [("op", o), ("num", str(n))]
+    if ask:
+        tokens += [("op", "="), ("num", "?")]
+    while True:
+        masks = [text_mask(t, size) if kind == "num" else None for kind, t in tokens]
+        digit_h = text_mask("0", size).height
+        opw = max(6, int(size * 0.55))
+        gap = max(3, size // 4)
+        width = sum(m.width if m is not None else opw for m in masks) + gap * (len(tokens) - 1)
+        height = max(m.height for m in masks if m is not None)
+        if width + 8 <= MAX_SIDE or size <= 10:
+            break
+        size -= 4
+    w, h = _canvas(rng, width + 8, height + 8)
+    bg, ink = rng.choice(sorted(BACKGROUNDS)), rng.choice(sorted(INKS))
+    img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
+    draw = ImageDraw.Draw(img)
+    x = rng.randint(4, w - width - 4)
+    base = rng.randint(4 + height, h - 4)  # baseline (bottom of the digits)
+    for (_, token), m in zip(tokens, masks):
+        if m is None:
+            _draw_operator(draw, token, x, base - digit_h // 2, opw, INKS[ink])
+            x += opw + gap
+        else:
+            img.paste(INKS[ink], (x, base - m.height), m)
+            x += m.width + gap
+    return img, bg, ink
+
+
+def _ocr(rng: random.Random) -> dict:
+    r = rng.random()
+    if r < 0.6:
+        words = [rng.choice(WORDS)]
+    elif r < 0.8:
+        words = [rng.choice(WORDS), rng.choice(WORDS)]
+    else:
+        words = ["".join(rng.choice(CODE_CHARS) for _ in range(rng.randint(3, 5)))]
+    if r < 0.8:
+        case = rng.choice((str.lower, str.upper, str.title))
+        words = [case(wd) for wd in words]
+    text = " ".join(words)
+    size = rng.randint(14, 48)
+    mask = text_mask(text, size)
+    while mask.width + 8 > MAX_SIDE and size > 10:
+        size -= 4
+        mask = text_mask(text, size)
+    w, h = _canvas(rng, mask.width + 8, mask.height + 8)
+    bg, ink = rng.choice(sorted(BACKGROUNDS)), rng.choice(sorted(INKS))
+    img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
+    img.paste(INKS[ink], (rng.randint(4, w - mask.width - 4), rng.randint(4, h - mask.height - 4)), mask)
+    what = "code" if r >= 0.8 else "word" if len(words) == 1 else "words"
+    if len(words) == 1:
+        spelled = f"Reading it character by character: {'-'.join(text)}."
+    else:
+        spelled = "Reading it word by word: " + ", then ".join(f'"{wd}" ({"-".join(wd)})' for wd in words) + "."
+    question = rng.choice(("What text is written in the image?", "Read the text in the image.",
+                           "What does the image say? Answer with the exact text."))
+    thinking = f"There is one line of {ink} text. {spelled} So the text is \"{text}\".\n"
+    caption = f"The {what} \"{text}\" in {ink} letters on a {bg} background."
+    return {"image": img, "question": question, "caption": caption, "thinking": thinking, "answer": text,
+            "ground_truth": text, "difficulty_hint": len(text)}
+
+
+def _grounding(rng: random.Random) -> dict:
+    color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    kinds = [(color, shape)]
+    for _ in range(rng.randint(1, 5)):
+        r = rng.random()
+        if r < 0.35:
+            kinds.append((color, rng.choice([s for s in SHAPES if s != shape])))
+        elif r < 0.6:
+            kinds.append((rng.choice([c for c in sorted(COLORS) if c != color]), shape))
+        else:
+            kinds.append(rng.choice([(c, s) for c in sorted(COLORS) for s in SHAPES if (c, s) != (color, shape)]))
+    order = list(range(len(kinds)))
+    rng.shuffle(order)
+    img, bg, objects = _draw_objects(rng, [kinds[i] for i in order])
+    target = objects[order.index(0)]
+    box = normalize_box(target["box"], *img.size)
+    answer = "[" + ",".join(map(str, box)) + "]"
+    question = rng.choice((
+        f"Where is the {color} {shape}? Answer with its bounding box [x1,y1,x2,y2] on a 0-1000 scale.",
+        f"Locate the {color} {shape} in the image and give its box as [x1,y1,x2,y2], scaled 0 to 1000.",
+        f"Find the {color} {shape}. Output [x1,y1,x2,y2] with coordinates from 0 to 1000.",
+    ))
+    others = len(objects) - 1
+    thinking = (f"There {'is' if others == 1 else 'are'} {_plural(others, 'other shape')} besides the {color} "
+                f"{shape}, which is at the {_where(target['box'], *img.size)} of the image. On the 0-1000 scale "
+                f"its left edge is at {box[0]}, its top at {box[1]}, its right edge at {box[2]} and its bottom "
+                f"at {box[3]}.\n")
+    parts = [f"{_a(o['color'] + ' ' + o['shape'])} at the {_where(o['box'], *img.size)}"
+             for o in sorted(objects, key=lambda o: _reading_order(o["box"], img.height))]
+    caption = f"A {bg} picture with {_join(parts)}."
+    return {"image": img, "question": question, "caption": caption, "thinking": thinking, "answer": answer,
+            "ground_truth": box, "difficulty_hint": len(objects)}
+
+
+_FAMILIES = {"counting": _counting, "arithmetic": _arithmetic, "ocr": _ocr, "grounding": _grounding}
+
+
+# ------------------------------------------------------------------------------------------------- API
+def make_example(domain: str, seed: int) -> dict:
+    """One example of ``domain``, a pure function of ``(domain, seed)``.
+
+    Keys: ``id``, ``domain``, ``image`` (RGB ``PIL.Image``), ``question``, ``caption``, ``thinking``,
+    ``answer`` (the string in the box), ``target`` (``chat.format_answer(thinking, answer)``),
+    ``ground_truth`` (int, ``"p/q"`` string, text, or ``[x1,y1,x2,y2]``) and ``difficulty_hint`` (int: number
+    of shapes, digits or characters).
+    """
+    if domain not in _FAMILIES:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    ex = _FAMILIES[domain](_rng(domain, seed))
+    return {"id": f"{domain}-{int(seed)}", "domain": domain, "image": ex["image"], "question": ex["question"],
+            "caption": ex["caption"], "thinking": ex["thinking"], "answer": ex["answer"],
+            "target": format_answer(ex["thinking"], ex["answer"]), "ground_truth": ex["ground_truth"],
+            "difficulty_hint": int(ex["difficulty_hint"])}
+
+
+def example_at(index: int, seed: int = 0, domains: Sequence[str] = DOMAINS) -> dict:
+    """Example ``index`` of ``generate(..., seed=seed, domains=domains)`` (domains round robin)."""
+    return make_example(domains[index % len(domains)], example_seed(seed, index))
+
+
+def generate(n: int, seed: int = 0, domains: Sequence[str] = DOMAINS, start: int = 0) -> Iterator[dict]:
+    """Examples ``start .. start+n-1``: example ``i`` is ``make_example(domains[i % len(domains)],
+    example_seed(seed, i))``, so each one depends only on ``(seed, i)`` and the domain list."""
+    domains = tuple(domains)
+    for d in domains:
+        if d not in _FAMILIES:
+            raise ValueError(f"unknown domain {d!r}; expected some of {DOMAINS}")
+    for i in range(start, start + n):
+        yield example_at(i, seed, domains)
+
+
+def messages(example: dict, *, with_target: bool = True) -> list[dict]:
+    """The example as a chat for :func:`glmv_jax.data.chat.render` / ``encode``: a user turn with the image
+    and the question, then (``with_target``) the assistant's SFT reply."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["question"]}]}]
+    if with_target:
+        msgs.append({"role": "assistant", "content": example["target"]})
+    return msgs
+
+
+def corpus(n: int = 2000, seed: int = 0, domains: Sequence[str] = DOMAINS) -> list[str]:
+    """Texts for training a tokenizer: the question, caption and target of ``n`` generated examples."""
+    out: list[str] = []
+    for ex in generate(n, seed, domains):
+        out += [ex["question"], ex["caption"], ex["target"]]
+    return out
+
+
+def build_tokenizer(path_prefix, n: int = 2000, vocab_size: int = 1024, seed: int = 0, **kwargs):
+    """Train a sentencepiece tokenizer (all GLM-4.1V special tokens as user-defined symbols) on
+    ``corpus(n, seed)`` and write ``{path_prefix}.model``; deterministic. Returns the ``Tokenizer``."""
+    from glmv_jax.data.tokenizer import train_sentencepiece
+
+    return train_sentencepiece(corpus(n, seed), path_prefix, vocab_size=vocab_size, **kwargs)
+
+
+__all__ = ["BACKGROUNDS", "COLORS", "DOMAINS", "INKS", "SHAPES", "WORDS", "build_tokenizer", "corpus",
+           "example_at", "example_seed", "generate", "make_example", "messages", "normalize_box", "text_mask"]
