@@ -136,3 +136,19 @@ def test_load_hf_checkpoint_places_shards_directly(tiny_pair):
     gate_up = sharded["decoder"]["layers"]["gate_up"]["kernel"]  # (L, embed, 2, mlp) -> embed/2, mlp/2
     assert gate_up.addressable_shards[0].data.shape == (gate_up.shape[0], gate_up.shape[1] // 2, 2,
                                                         gate_up.shape[3] // 2)
+
+
+@pytest.mark.slow
+def test_context_parallel_activation_memory_is_about_a_quarter():
+    """XLA's compiled temporaries per device of the `small` train step at 8192 tokens: context=4 vs one device.
+
+    (On the tiny model the per-chunk attention scores, which CP does not shrink, dominate instead.)
+    Measured: 3.10 GB vs 0.83 GB, ratio 0.27.
+    """
+    from glmv_jax import load_config
+    from glmv_jax.parallel.plan import plan
+    small = load_config("small")
+    one = plan(small, {}, seq=8192, image_tokens=0, remat_policy="full")
+    four = plan(small, {"context": 4}, seq=8192, image_tokens=0, remat_policy="full")
+    ratio = four.bytes_temp / one.bytes_temp
+    assert 0.15 <= ratio <= 0.35, (one.bytes_temp, four.bytes_temp)

@@ -13,6 +13,7 @@ from glmv_jax.model import inputs, rope
 from glmv_jax.model.decoder import Decoder
 from glmv_jax.model.projector import Projector
 from glmv_jax.model.vision import VisionTower
+from glmv_jax.parallel.context import unsharded
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
@@ -175,8 +176,9 @@ def init_boxed(config: GlmvConfig, seed: int = 0, dtype=jnp.float32):
     pixels = jnp.zeros((2 * m * m, v.patch_dim), dtype)
     positions = jnp.zeros((3, 1, 4), jnp.int32)
     ones = jnp.ones((1, 4), jnp.int32)
-    variables = Glmv(config, dtype).init(jax.random.key(seed), ids, positions, ones, ones,
-                                         pixel_values=pixels, image_grid_thw=grid)
+    with unsharded():  # the dummy forward that creates the params runs unsharded
+        variables = Glmv(config, dtype).init(jax.random.key(seed), ids, positions, ones, ones,
+                                             pixel_values=pixels, image_grid_thw=grid)
     return variables["params"]
 
 

@@ -8,6 +8,8 @@ original index for the causal mask. Keys and values are all-gathered across the 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Sequence
 
@@ -67,6 +69,20 @@ def sharded_attention(q, k, v, *, q_segment, kv_segment, q_index=None, kv_index=
     return jax.shard_map(local, in_specs=specs, out_specs=P(batch, seq, heads, None), check_vma=False)(*args)
 
 
+_UNSHARDED = contextvars.ContextVar("glmv_unsharded", default=False)
+
+
+@contextlib.contextmanager
+def unsharded():
+    """Trace the model without mesh-aware ops (parameter creation), even under `jax.set_mesh`."""
+    token = _UNSHARDED.set(True)
+    try:
+        yield
+    finally:
+        _UNSHARDED.reset(token)
+
+
 def in_mesh() -> bool:
-    return not jax.sharding.get_abstract_mesh().empty
+    """Whether model ops should shard over a current mesh."""
+    return not _UNSHARDED.get() and not jax.sharding.get_abstract_mesh().empty
 

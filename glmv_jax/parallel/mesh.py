@@ -138,8 +138,8 @@ def check_batch(mesh, batch: int, length: int | None = None) -> None:
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names under the current mesh (`jax.set_mesh`); a no-op without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    from glmv_jax.parallel.context import in_mesh
+    if not in_mesh():
         return x
     return jax.lax.with_sharding_constraint(x, spec(logical))
 

@@ -41,9 +41,12 @@ class Plan:
     collectives: dict        # op -> (count, bytes per device)
     compile_s: float
 
+    @property
+    def devices(self) -> int:
+        return int(np.prod(list(self.mesh.values())))
+
     def step_time(self, chip: str, mfu: float) -> float:
-        devices = int(np.prod(list(self.mesh.values())))
-        return self.flops_model / devices / (PEAK_BF16[chip] * mfu)
+        return self.flops_model / self.devices / (PEAK_BF16[chip] * mfu)
 
 
 def model_flops(config: GlmvConfig, tokens: int, patches: int, seq: int, sequences: int) -> float:
@@ -103,7 +106,7 @@ def plan(config: GlmvConfig, sizes: dict[str, int], *, seq: int, batch_per_repli
     from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
     from glmv_jax.train.steps import init_state, state_shardings, train_step
 
-    mesh = mesh_lib.make_mesh(**sizes)
+    mesh = mesh_lib.make_mesh(**sizes, devices=jax.devices()[:int(np.prod(list(sizes.values()) or [1]))])
     mesh_lib.check_model(config, mesh)
     global_batch = batch_per_replica * mesh.shape["data"] * mesh.shape["fsdp"]
     mesh_lib.check_batch(mesh, global_batch, seq)
@@ -152,9 +155,12 @@ def report(p: Plan) -> str:
         f"| activations + temporaries (XLA) | {p.bytes_temp / gb:.2f} |",
         f"| total (XLA: arguments + outputs - aliased + temporaries) | {p.bytes_total / gb:.2f} |",
         "",
-        f"FLOPs per step: {p.flops_model:.3e} (model, whole mesh); XLA counts {p.flops_xla:.3e} per device",
+        f"FLOPs per step: {p.flops_model:.3e} (model, whole mesh; {p.flops_model / p.devices:.3e} per device). "
+        f"XLA's own count, {p.flops_xla:.3e} per device, sees each scanned layer body once.",
         "",
-        "| collective | count | MB per device |", "|---|---|---|",
+        "Collectives of the compiled step (an op inside the layer scan is listed once but runs once per layer):",
+        "",
+        "| collective | ops | MB per device |", "|---|---|---|",
     ]
     lines += [f"| {op} | {c} | {b / 1e6:.1f} |" for op, (c, b) in sorted(p.collectives.items())]
     lines += ["", "| chip | HBM GB | fits | step at 40% MFU | step at 60% MFU |", "|---|---|---|---|---|"]
