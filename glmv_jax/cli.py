@@ -121,10 +121,10 @@ def _plan(args: argparse.Namespace) -> int:
 
     sizes = parse_mesh(args.mesh)
     devices = math.prod(sizes.values())
-    if "jax" not in sys.modules:  # simulate the mesh's devices on the host CPU (before jax starts)
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # simulate the mesh's devices on the host CPU; read when jax first starts its backend (not at import)
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from glmv_jax.config import load_config
     from glmv_jax.parallel.plan import plan, report
 
