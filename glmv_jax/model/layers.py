@@ -63,44 +63,39 @@ class SwiGLU(nn.Module):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array, kv_segment: jax.Array,
               q_index: jax.Array | None = None, kv_index: jax.Array | None = None,
-              chunk: int = 512) -> jax.Array:
+              chunk: int = 1024) -> jax.Array:
     """Softmax attention restricted to equal segments, optionally causal, without an S x T mask in memory.
 
     q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (grouped-query attention, no K/V repeat).
     q_segment (B, T), kv_segment (B, S): a query sees a key only when their segment ids are equal and
     the key's id is non-zero (0 marks padding). If `q_index` (B, T) and `kv_index` (B, S) are given,
     the attention is causal: a query sees keys with `kv_index <= q_index`.
-    Queries are processed `chunk` at a time, so memory is O(chunk * S) per head. Scores and softmax
+    Queries are processed at most `chunk` at a time, so memory is O(chunk * S) per head. Scores and softmax
     in float32; returns (B, T, H, D) in q's dtype.
     """
     b, t, h, d = q.shape
-    groups = h // k.shape[2]
     causal = q_index is not None
     if not causal:
         q_index = jnp.zeros((b, t), jnp.int32)
         kv_index = jnp.zeros(kv_segment.shape, jnp.int32)
 
     def attend(qc, qseg, qidx):
-        qc = qc.reshape(*qc.shape[:2], k.shape[2], groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qc, k, preferred_element_type=jnp.float32)
-        scores = scores * (d ** -0.5)
         allowed = (qseg[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
         if causal:
             allowed &= kv_index[:, None, :] <= qidx[:, :, None]
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-        return out.reshape(*out.shape[:2], h, d).astype(q.dtype)
+        # XLA's fused attention: grouped heads without repeating K/V, float32 softmax
+        return jax.nn.dot_product_attention(qc, k, v, mask=allowed[:, None], implementation="xla")
 
     if t <= chunk:
         return attend(q, q_segment, q_index)
     n = -(-t // chunk)
-    pad = n * chunk - t
+    size = -(-t // n)  # balanced chunks: padding stays below n tokens
+    pad = n * size - t
 
     def split(x):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+        return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
 
     # each chunk's scores are recomputed in the backward pass, so memory stays O(chunk * S) there too
     out = jax.lax.map(jax.checkpoint(lambda args: attend(*args)), (split(q), split(q_segment), split(q_index)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, d)[:, :t]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * size, h, d)[:, :t]
