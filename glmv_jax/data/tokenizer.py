@@ -141,7 +141,8 @@ class Tokenizer:
         return list(self._tok.encode(text, out_type=int))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
+        """Text of `ids`. Ids past the tokenizer's vocabulary (a model's padded embedding rows) are dropped."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if self.kind == "tokenizer.json":
             return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         if skip_special_tokens:

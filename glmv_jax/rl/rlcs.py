@@ -1,0 +1,253 @@
+"""One RLCS iteration, wholly in JAX on device except the reward checks: curriculum-sampled prompts ->
+G rollouts each with the on-device sampler -> verifiable rewards -> group-normalised advantages ->
+the most balanced groups -> several GRPO (clip-higher) mini-batch updates.
+
+The sampler reads the trainer's current params directly (no host copy). Log-probs are those of
+softmax(logits / temperature) for both the rollout and the update, so the ratio starts at 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import defaultdict
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from glmv_jax.config import GlmvConfig
+from glmv_jax.data import chat
+from glmv_jax.data.processor import ImageProcessor
+from glmv_jax.data.synthetic import messages
+from glmv_jax.generate.sampler import SamplingConfig, sample
+from glmv_jax.model import inputs as model_inputs
+from glmv_jax.model.glmv import apply, token_inputs
+from glmv_jax.rl import rewards
+from glmv_jax.rl.curriculum import Curriculum, is_informative, select_balanced
+from glmv_jax.shapes import bucket
+from glmv_jax.train.losses import grpo_loss, token_log_probs
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The `rl:` section of a training config (paper values where the recipe gives them)."""
+
+    iterations: int = 40
+    groups: int = 8                  # balanced groups kept per iteration (the update batch is groups x group_size)
+    group_size: int = 8              # rollouts per prompt (G)
+    temperature: float = 1.0
+    top_p: float = 1.0               # the paper samples from the whole vocabulary
+    max_new_tokens: int = 96
+    thinking_budget: int | None = None
+    eps_low: float = 0.2
+    eps_high: float = 0.28           # clip-higher
+    kl_coef: float = 0.0             # no KL term by default (paper)
+    entropy_coef: float = 0.0        # no entropy term by default (paper)
+    minibatches: int = 2             # policy updates per rollout batch
+    prompt_pool: int = 512           # synthetic prompts the curriculum draws from
+    eval_prompts: int = 64           # held-out prompts (greedy) for before/after rewards
+    eval_every: int = 10
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------- prompts
+
+@dataclasses.dataclass
+class Prompts:
+    """Left-padded prompts (P, T) with their images, one list of pixel rows per prompt."""
+
+    examples: list[dict]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_types: np.ndarray
+    pixels: list[np.ndarray]
+    grids: list[np.ndarray]
+
+    def rows(self, index: Sequence[int]) -> dict[str, np.ndarray | None]:
+        """The model inputs of prompt rows `index` (repeats allowed), images in row order."""
+        index = list(index)
+        pixels = [self.pixels[i] for i in index if len(self.pixels[i])]
+        grids = [self.grids[i] for i in index if len(self.grids[i])]
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                "mm_token_type_ids": self.token_types[index],
+                "pixel_values": np.concatenate(pixels) if pixels else None,
+                "image_grid_thw": np.concatenate(grids).astype(np.int32) if grids else None}
+
+
+def make_prompts(examples: list[dict], tokenizer, processor: ImageProcessor, pad_id: int) -> Prompts:
+    """Chat-encode each example's image and question with the generation prompt, left-pad to a bucket."""
+    encoded, pixels, grids = [], [], []
+    for ex in examples:
+        image = processor([ex["image"]])
+        enc = chat.encode(messages(ex, with_target=False), tokenizer, image_grids=image["image_grid_thw"])
+        encoded.append(enc)
+        pixels.append(image["pixel_values"])
+        grids.append(image["image_grid_thw"])
+    length = bucket(max(len(e["input_ids"]) for e in encoded), minimum=32)
+    ids = np.full((len(examples), length), pad_id, np.int32)
+    mask = np.zeros_like(ids)
+    types = np.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[row, length - n:] = e["input_ids"]
+        mask[row, length - n:] = 1
+        types[row, length - n:] = e["mm_token_type_ids"]
+    return Prompts(examples, ids, mask, types, pixels, grids)
+
+
+# ---------------------------------------------------------------------------------- rollouts
+
+def sampling_config(cfg: RLConfig, tokenizer, *, greedy: bool = False) -> SamplingConfig:
+    budget = {}
+    if cfg.thinking_budget is not None:
+        budget = dict(thinking_budget=cfg.thinking_budget, think_end_id=tokenizer.token_id("</think>"),
+                      forced_answer_ids=tuple(tokenizer.encode("</think>\n<answer>")))
+    return SamplingConfig(cfg.max_new_tokens, 0.0 if greedy else cfg.temperature, 1.0 if greedy else cfg.top_p,
+                          eos_ids=tokenizer.eos_ids, pad_id=tokenizer.eos_ids[0], **budget)
+
+
+def responses(tokens: np.ndarray, lengths: np.ndarray, tokenizer) -> list[str]:
+    """Decoded responses without their stop token (the format gate wants the text to end at </answer>)."""
+    eos = set(tokenizer.eos_ids)
+    out = []
+    for row, n in zip(tokens, lengths):
+        ids = [int(t) for t in row[:n] if int(t) not in eos]
+        out.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return out
+
+
+def rollout(params, config: GlmvConfig, prompts: Prompts, index: Sequence[int], sampling: SamplingConfig, seed: int):
+    """Sample one response per row of `index` (prompts repeated as rows); returns the SampleOutput as numpy."""
+    inputs = prompts.rows(index)
+    out = sample(params, config, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                 pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                 mm_token_type_ids=inputs["mm_token_type_ids"], sampling=sampling, seed=seed)
+    return jax.tree.map(np.asarray, out._asdict())
+
+
+def group_advantages(rewards_: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """(P, G) rewards -> (r - group mean) / (group std + eps); 0 for groups with equal rewards."""
+    mean = rewards_.mean(axis=1, keepdims=True)
+    std = rewards_.std(axis=1, keepdims=True)
+    return np.where(std > 0, (rewards_ - mean) / (std + eps), 0.0)
+
+
+def evaluate(params, config: GlmvConfig, prompts: Prompts, cfg: RLConfig, tokenizer, batch: int = 32) -> dict:
+    """Greedy rollouts on held-out prompts: mean reward overall, by domain, and the share well formatted."""
+    sampling = sampling_config(cfg, tokenizer, greedy=True)
+    scores = []
+    for start in range(0, len(prompts.examples), batch):
+        index = list(range(start, min(start + batch, len(prompts.examples))))
+        out = rollout(params, config, prompts, index, sampling, seed=0)
+        texts = responses(out["tokens"], out["lengths"], tokenizer)
+        scores += rewards.score_batch([prompts.examples[i] for i in index], texts)
+    by_domain = defaultdict(list)
+    for s in scores:
+        by_domain[s["domain"]].append(s["reward"])
+    return {"reward": float(np.mean([s["reward"] for s in scores])),
+            "format_ok": float(np.mean([s["format_ok"] for s in scores])),
+            **{f"reward/{d}": float(np.mean(v)) for d, v in sorted(by_domain.items())}}
+
+
+# ------------------------------------------------------------------------------------ update
+
+def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: np.ndarray, merge: int) -> dict:
+    """Teacher-forcing rows prompt + response for the policy loss, with old log-probs at the target places.
+
+    Row r: the left-padded prompt (T) then its N response tokens. targets[t] = sequence[t + 1];
+    the response token k is predicted at column T - 1 + k, where old_logp and the loss mask go.
+    """
+    inputs = prompts.rows(index)
+    s, t = inputs["input_ids"].shape
+    n = out["tokens"].shape[1]
+    live = np.arange(n)[None] < out["lengths"][:, None]
+    ids = np.concatenate([inputs["input_ids"], out["tokens"]], axis=1)
+    segment = np.concatenate([inputs["attention_mask"], live], axis=1).astype(np.int32)
+    types = np.concatenate([inputs["mm_token_type_ids"], np.zeros((s, n), np.int32)], axis=1)
+    targets = np.concatenate([ids[:, 1:], np.zeros((s, 1), np.int32)], axis=1)
+    mask = np.zeros((s, t + n), np.float32)
+    old = np.zeros((s, t + n), np.float32)
+    mask[:, t - 1:t - 1 + n] = live
+    old[:, t - 1:t - 1 + n] = out["logprobs"]
+    pixels, grid = model_inputs.pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], merge)
+    return {"input_ids": ids.astype(np.int32), "segment_ids": segment, "mm_token_type_ids": types,
+            "targets": targets.astype(np.int32), "loss_mask": mask, "old_logp": old,
+            "advantages": advantages.astype(np.float32), "pixel_values": pixels, "image_grid_thw": grid}
+
+
+def policy_step(state: dict, batch: dict, *, config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None):
+    """One GRPO update: (new state, metrics {loss, clip_fraction, ratio, grad_norm})."""
+    def loss_fn(params):
+        if compute_dtype is not None:
+            params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
+        tokens = token_inputs(config, batch["input_ids"], batch["segment_ids"], batch["mm_token_type_ids"],
+                              image_grid_thw=batch["image_grid_thw"])
+        visual = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+        logits = apply(params, config, tokens, visual)
+        new_logp = token_log_probs(logits.astype(jnp.float32) / cfg.temperature, batch["targets"])
+        return grpo_loss(new_logp, batch["old_logp"], batch["advantages"], batch["loss_mask"],
+                         eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def make_policy_step(config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None):
+    return jax.jit(functools.partial(policy_step, config=config, tx=tx, cfg=cfg, compute_dtype=compute_dtype),
+                   donate_argnums=0)
+
+
+def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculum: Curriculum,
+              pool: dict[Any, dict], tokenizer, processor: ImageProcessor, rng: np.random.Generator,
+              seed: int) -> tuple[dict, dict]:
+    """One RLCS iteration; returns (new train state, metrics)."""
+    t0 = time.perf_counter()
+    count = curriculum.next_prompt_count(cfg.groups)
+    ids = curriculum.sample(count, rng)
+    prompts = make_prompts([pool[i] for i in ids], tokenizer, processor, tokenizer.eos_ids[0])
+    rows = np.repeat(np.arange(len(ids)), cfg.group_size)
+    out = rollout(state["params"], config, prompts, rows, sampling_config(cfg, tokenizer), seed)
+    t_rollout = time.perf_counter() - t0
+
+    texts = responses(out["tokens"], out["lengths"], tokenizer)
+    scores = rewards.score_batch([prompts.examples[r] for r in rows], texts)
+    reward = np.array([s["reward"] for s in scores], np.float64).reshape(len(ids), cfg.group_size)
+    for example_id, group in zip(ids, reward):
+        curriculum.update(example_id, group.tolist())
+    informative = np.mean([is_informative(g) for g in reward])
+    keep = select_balanced([g.tolist() for g in reward], min(cfg.groups, len(ids)))
+    curriculum.end_iteration()
+    advantages = group_advantages(reward)
+    t_score = time.perf_counter() - t0 - t_rollout
+
+    chosen = np.array([r for g in keep for r in range(g * cfg.group_size, (g + 1) * cfg.group_size)])
+    updates = []
+    for part in np.array_split(rng.permutation(chosen), cfg.minibatches):
+        batch = update_batch(prompts, rows[part], {k: v[part] for k, v in out.items()},
+                             advantages.reshape(-1)[part], config.vision.spatial_merge_size)
+        state, metrics = step_fn(state, batch)
+        updates.append(jax.tree.map(float, metrics))
+    t_update = time.perf_counter() - t0 - t_rollout - t_score
+
+    by_domain = defaultdict(list)
+    for s in scores:
+        by_domain[s["domain"]].append(s["reward"])
+    generated = int(out["lengths"].sum())
+    metrics = {
+        "reward": float(reward.mean()), **{f"reward/{d}": float(np.mean(v)) for d, v in sorted(by_domain.items())},
+        "format_ok": float(np.mean([s["format_ok"] for s in scores])),
+        "balanced_groups": float(informative), "expansion": float(curriculum.expansion), "prompts": len(ids),
+        "response_length": float(out["lengths"].mean()), "forced_answers": float(out["forced"].mean()),
+        "clip_fraction": float(np.mean([u["clip_fraction"] for u in updates])),
+        "loss": float(np.mean([u["loss"] for u in updates])),
+        "grad_norm": float(np.mean([u["grad_norm"] for u in updates])),
+        "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update,
+        "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
+    }
+    return state, metrics
