@@ -1,0 +1,421 @@
+"""The training configuration: frozen dataclasses read from YAML, with `section.key=value` overrides.
+
+Layout of a training YAML (every key optional except where noted; defaults below)::
+
+    model: tiny                 # a preset name / YAML / config.json path (load_config), or an inline dict
+                                # in the GlmvConfig.from_dict layout (vision: ..., text: ..., image_token_id: ...)
+    data:
+      source: synthetic         # synthetic | tfds | jsonl
+      mode: caption             # caption (loss on the whole caption) | sft (loss on the reply; LLaVA-style
+                                # "conversations" records are read as such)
+      seq_len: 512              # tokens per packed row
+      batch_size: 8             # GLOBAL rows per step (split over hosts)
+      tokenizer: synthetic      # a tokenizer.json / sentencepiece .model (or a folder holding one), or
+                                # "synthetic": a sentencepiece model trained here on the source's texts
+      vocab_size: 1024          # upper bound of a tokenizer trained here
+      n_train: 20000            # synthetic: examples per epoch; tfds/jsonl: at most this many (0 = all)
+      n_eval: 64                # examples of the eval set (0 = no eval set)
+      seed: 0                   # synthetic examples and the shuffle order
+      data_dir: null            # tfds: the data_dir the dataset was prepared in
+      name: synthetic_tasks     # tfds: dataset name (optionally name/config/version)
+      path: null                # jsonl: the JSONL file (one example per line)
+      image_root: ""            # jsonl: relative image paths are resolved against this folder
+      min_pixels: 12544         # image processor budget (pixels of the 2-frame clip, as transformers)
+      max_pixels: 9633792
+      pixel_rows: 0             # fixed pixel_values rows per host batch (0: the pipeline's shape buckets)
+      max_images: 0             # fixed image_grid_thw rows per host batch (0: the pipeline's power of two)
+      pack_buffer: 16           # look-ahead of the best-fit packer, in examples
+      workers: 0                # grain worker processes (0: in-process with read threads)
+    train:
+      steps: 1000               # optimizer steps in total (a resumed run continues up to this)
+      seed: 0                   # parameter init and the saved RNG key
+      remat_policy: none        # none | full | dots
+      compute_dtype: float32    # float32 | bfloat16 (master params and optimizer state stay float32)
+      log_every: 10             # one metrics.jsonl record / TensorBoard point every N steps (and the last)
+      eval_every: 0             # eval loss every N steps and at the end (0: never)
+      init_from: null           # params to start from: a previous workdir, an orbax folder
+                                # (config.json + params/) or a Hugging Face folder
+      compile_cache: null       # a folder for JAX's persistent compilation cache
+    optimizer:                  # OptimizerConfig (glmv_jax/train/optimizer.py)
+      learning_rate: 3.0e-4
+      warmup_steps: 100
+      total_steps: <train.steps / accumulate>   # schedule length in updates
+      end_learning_rate_ratio: 0.1
+      b1: 0.9
+      b2: 0.95
+      eps: 1.0e-8
+      weight_decay: 0.1
+      clip_norm: 1.0
+      accumulate: 1             # micro-batches per update (train.steps counts micro-batches)
+      freeze: []                # parts left untouched: vision, projector, decoder
+    checkpoint:
+      every: 100                # save every N steps (and at the last step); asynchronous
+      keep: 3                   # keep the last K
+    mesh:                       # product = devices used; -1 = all remaining devices
+      data: 1
+      fsdp: 1
+      context: 1
+      tensor: 1
+
+Unknown keys anywhere raise `ConfigError` naming the key (`train.stpes`) with a suggestion.
+
+Tokenizer and model ids: the model's special-token ids must be the tokenizer's. With `tokenizer: synthetic`
+the tokenizer is trained here (into WORKDIR/tokenizer.model, or copied from an `init_from` workdir), so the
+model config's `text.vocab_size` is set to its size rounded up to a multiple of 128 and `pad_token_id`,
+`eos_token_id` and the image/video ids are taken from it (`model_for_tokenizer`). With a tokenizer file
+they are checked (`glmv_jax.data.tokenizer.check_ids`) and a mismatch is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from glmv_jax.config import ConfigError, GlmvConfig, load_config
+from glmv_jax.train.optimizer import OptimizerConfig
+
+SOURCES = ("synthetic", "tfds", "jsonl")
+MODES = ("caption", "sft")
+REMAT_POLICIES = ("none", "full", "dots")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+VOCAB_MULTIPLE = 128
+# model config fields taken from a tokenizer trained here, by tokenizer attribute
+TOKEN_FIELDS = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                "video_start_token_id", "video_end_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"
+    mode: str = "caption"
+    seq_len: int = 512
+    batch_size: int = 8
+    tokenizer: str = "synthetic"
+    vocab_size: int = 1024
+    n_train: int = 20000
+    n_eval: int = 64
+    seed: int = 0
+    data_dir: str | None = None
+    name: str = "synthetic_tasks"
+    path: str | None = None
+    image_root: str = ""
+    min_pixels: int = 12544
+    max_pixels: int = 9633792
+    pixel_rows: int = 0
+    max_images: int = 0
+    pack_buffer: int = 16
+    workers: int = 0
+
+    def validate(self) -> None:
+        _choice("data.source", self.source, SOURCES)
+        _choice("data.mode", self.mode, MODES)
+        _positive("data", self, "seq_len", "batch_size", "vocab_size", "min_pixels", "max_pixels", "pack_buffer")
+        _non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers")
+        if self.source == "synthetic" and self.n_train < 1:
+            raise ConfigError("data.n_train must be positive for the synthetic source")
+        if self.source == "tfds" and not self.data_dir:
+            raise ConfigError("data.source = tfds needs data.data_dir (where the dataset was prepared)")
+        if self.source == "jsonl" and not self.path:
+            raise ConfigError("data.source = jsonl needs data.path (the JSONL file)")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"data.min_pixels = {self.min_pixels} > data.max_pixels = {self.max_pixels}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 1000
+    seed: int = 0
+    remat_policy: str = "none"
+    compute_dtype: str = "float32"
+    log_every: int = 10
+    eval_every: int = 0
+    init_from: str | None = None
+    compile_cache: str | None = None
+
+    def validate(self) -> None:
+        _positive("train", self, "steps", "log_every")
+        _non_negative("train", self, "eval_every")
+        _choice("train.remat_policy", self.remat_policy, REMAT_POLICIES)
+        _choice("train.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+
+    def validate(self) -> None:
+        _positive("checkpoint", self, "every", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = 1
+    context: int = 1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = dataclasses.asdict(self)
+        for name, value in sizes.items():
+            if value != -1 and value < 1:
+                raise ConfigError(f"mesh.{name} = {value} must be a positive integer or -1 (the remaining devices)")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError("at most one mesh axis may be -1 (the remaining devices)")
+
+    def sizes(self, device_count: int) -> dict[str, int]:
+        """Axis sizes with a -1 resolved against `device_count`."""
+        sizes = dataclasses.asdict(self)
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        for name, value in sizes.items():
+            if value == -1:
+                if device_count % fixed:
+                    raise ConfigError(f"mesh.{name} = -1: {device_count} devices do not divide by the other axes' "
+                                      f"product {fixed}")
+                sizes[name] = device_count // fixed
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: Any = "tiny"   # a preset name / path (str) or an inline model dict
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optimizer"]["freeze"] = list(self.optimizer.freeze)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def base_model(self) -> GlmvConfig:
+        """The model config as written (before tokenizer-derived ids; see `model_for_tokenizer`)."""
+        if isinstance(self.model, str):
+            return load_config(self.model)
+        try:
+            return GlmvConfig.from_dict(self.model)
+        except ConfigError as e:
+            message = str(e)
+            lead = "unknown config key(s) "
+            if message.startswith(lead):  # name the keys from the top: model.text.foo
+                keys, _, rest = message[len(lead):].partition(";")
+                message = lead + ", ".join(f"model.{k.strip()}" for k in keys.split(",")) + ";" + rest
+            raise ConfigError(f"model: {message}") from None
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainSection, "optimizer": OptimizerConfig,
+                             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+
+
+# --------------------------------------------------------------------------------------------- building
+def from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A validated `TrainConfig` from the YAML layout; unknown keys raise `ConfigError` naming them."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a training config must be a mapping, got {type(raw).__name__}")
+    _reject_unknown(raw, ("model", *SECTIONS), "")
+    model = raw.get("model", "tiny")
+    if not isinstance(model, (str, dict)):
+        raise ConfigError(f"model must be a preset name, a path or a mapping, got {model!r}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name} must be a mapping, got {values!r}")
+        sections[name] = _build(cls, values, name)
+    if "total_steps" not in (raw.get("optimizer") or {}):  # the schedule counts updates, train.steps micro-batches
+        opt = sections["optimizer"]
+        total = max(1, sections["train"].steps // max(opt.accumulate, 1))
+        sections["optimizer"] = dataclasses.replace(opt, total_steps=total)
+    cfg = TrainConfig(model=model, **sections)
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        if hasattr(section, "validate"):
+            section.validate()
+    _validate_optimizer(cfg.optimizer)
+    cfg.base_model()  # model keys are checked here, with their names
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a training YAML and apply `section.key=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training config at {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a training config must be a mapping")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`["train.steps=300", "mesh.data=2", "model.text.num_layers=2"]` applied to a copy of `raw`."""
+    import copy
+
+    raw = copy.deepcopy(raw) if raw else {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value (e.g. train.steps=300)")
+        value = yaml.safe_load(text) if text.strip() else None
+        parts = key.split(".")
+        top = parts[0]
+        _reject_unknown({top: None}, ("model", *SECTIONS), "", what=f"override {item!r}: ")
+        if top == "model":
+            if len(parts) == 1:
+                raw["model"] = value
+                continue
+            model = raw.get("model", "tiny")
+            if isinstance(model, str):  # a preset: override its fields inline
+                model = load_config(model).to_dict()
+            node = model
+            for part in parts[1:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"override {item!r}: unknown model key {'.'.join(parts[:parts.index(part) + 1])}")
+                node = node[part]
+            node[parts[-1]] = value  # unknown leaf names are reported by GlmvConfig.from_dict
+            raw["model"] = model
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: expected section.key=value with section in "
+                              f"{', '.join(SECTIONS)} (e.g. train.steps=300)")
+        names = [f.name for f in dataclasses.fields(SECTIONS[top])]
+        _reject_unknown({parts[1]: None}, names, top, what=f"override {item!r}: ")
+        section = raw.get(top) or {}
+        section[parts[1]] = value
+        raw[top] = section
+    return raw
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    _reject_unknown(values, names, where)
+    return cls(**{k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in values.items()})
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check (and lightly convert) a value against its field type; `ConfigError` naming the key otherwise."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not tuple \
+        else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    if typing.get_origin(base) is tuple or base is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of names, got {value!r}")
+        return tuple(value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _validate_optimizer(opt: OptimizerConfig) -> None:
+    for name in ("warmup_steps", "total_steps"):
+        if getattr(opt, name) < 0:
+            raise ConfigError(f"optimizer.{name} = {getattr(opt, name)} must not be negative")
+    if opt.accumulate < 1:
+        raise ConfigError(f"optimizer.accumulate = {opt.accumulate} must be at least 1")
+    unknown = set(opt.freeze) - {"vision", "projector", "decoder"}
+    if unknown:
+        raise ConfigError(f"optimizer.freeze names unknown parts {sorted(unknown)}; parts: decoder, projector, vision")
+
+
+def _reject_unknown(values: dict, known: Sequence[str], where: str, what: str = "") -> None:
+    for key in values:
+        if key not in known:
+            full = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"{what}unknown config key {full}{hint} (known keys"
+                              f"{' in ' + where if where else ''}: {', '.join(known)})")
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} must be one of {', '.join(choices)}")
+
+
+def _positive(where: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{name} = {value!r} must be a positive integer")
+
+
+def _non_negative(where: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}.{name} = {value!r} must be a non-negative integer")
+
+
+# ------------------------------------------------------------------------------------- model <-> tokenizer
+def model_for_tokenizer(model: GlmvConfig, tokenizer) -> GlmvConfig:
+    """`model` with vocab_size (the tokenizer's, rounded up to a multiple of 128), pad/eos and image/video ids
+    taken from a tokenizer trained here."""
+    vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    text = dataclasses.replace(model.text, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tuple(tokenizer.eos_ids))
+    ids = {name: getattr(tokenizer, name) for name in TOKEN_FIELDS}
+    return dataclasses.replace(model, text=text, **ids).validate()
+
+
+def check_model_tokenizer(model: GlmvConfig, tokenizer) -> None:
+    """Raise `ConfigError` when the model's special ids or vocabulary do not fit the tokenizer."""
+    from glmv_jax.data.tokenizer import check_ids
+
+    expected = {name: getattr(model, name) for name in TOKEN_FIELDS}
+    expected["pad_token_id"] = model.text.pad_token_id
+    expected["eos_token_id"] = list(model.text.eos_token_id) or None
+    try:
+        check_ids(tokenizer, expected)
+    except ValueError as e:
+        raise ConfigError(f"the model config does not match the tokenizer: {e}") from None
+    if tokenizer.vocab_size > model.text.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's "
+                          f"text.vocab_size is {model.text.vocab_size}")
+
+
+__all__ = ["CheckpointConfig", "DataConfig", "MeshConfig", "TrainConfig", "TrainSection", "apply_overrides",
+           "check_model_tokenizer", "from_dict", "load_train_config", "model_for_tokenizer"]
