@@ -50,6 +50,7 @@ class RLConfig:
     prompt_pool: int = 512           # synthetic prompts the curriculum draws from
     eval_prompts: int = 64           # held-out prompts (greedy) for before/after rewards
     eval_every: int = 10
+    offline_k: int = 4               # samples per pool prompt in the offline pass@k that seeds the curriculum
     seed: int = 0
 
 
@@ -110,13 +111,12 @@ def sampling_config(cfg: RLConfig, tokenizer, *, greedy: bool = False) -> Sampli
 
 
 def responses(tokens: np.ndarray, lengths: np.ndarray, tokenizer) -> list[str]:
-    """Decoded responses without their stop token (the format gate wants the text to end at </answer>)."""
-    eos = set(tokenizer.eos_ids)
-    out = []
-    for row, n in zip(tokens, lengths):
-        ids = [int(t) for t in row[:n] if int(t) not in eos]
-        out.append(tokenizer.decode(ids, skip_special_tokens=False))
-    return out
+    """Decoded responses. A stop token that is part of the reply format (`</answer>`) is kept; control stop
+    tokens (`<|endoftext|>`, `<|user|>`, ...) are dropped, as the format gate wants the text to end at </answer>."""
+    control = set(tokenizer.eos_ids) - {tokenizer.token_id("</answer>")} if tokenizer.has_token("</answer>") \
+        else set(tokenizer.eos_ids)
+    return [tokenizer.decode([int(t) for t in row[:n] if int(t) not in control], skip_special_tokens=False)
+            for row, n in zip(tokens, lengths)]
 
 
 def rollout(params, config: GlmvConfig, prompts: Prompts, index: Sequence[int], sampling: SamplingConfig, seed: int):

@@ -189,10 +189,13 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    rl: Any = None        # an RLConfig (glmv_jax/rl/rlcs.py) when the YAML has an `rl:` section: an RLCS run
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["optimizer"]["freeze"] = list(self.optimizer.freeze)
+        if self.rl is None:
+            out.pop("rl")
         return out
 
     def to_yaml(self) -> str:
@@ -215,6 +218,15 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainSection, "optimizer": OptimizerConfig,
                              "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+OPTIONAL_SECTIONS: dict[str, str] = {"rl": "glmv_jax.rl.rlcs:RLConfig"}  # built only when present
+
+
+def _section_class(name: str) -> type:
+    if name in SECTIONS:
+        return SECTIONS[name]
+    import importlib
+    module, _, attr = OPTIONAL_SECTIONS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -224,7 +236,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"a training config must be a mapping, got {type(raw).__name__}")
-    _reject_unknown(raw, ("model", *SECTIONS), "")
+    _reject_unknown(raw, ("model", *SECTIONS, *OPTIONAL_SECTIONS), "")
     model = raw.get("model", "tiny")
     if not isinstance(model, (str, dict)):
         raise ConfigError(f"model must be a preset name, a path or a mapping, got {model!r}")
@@ -238,6 +250,11 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         opt = sections["optimizer"]
         total = max(1, sections["train"].steps // max(opt.accumulate, 1))
         sections["optimizer"] = dataclasses.replace(opt, total_steps=total)
+    for name in OPTIONAL_SECTIONS:
+        if raw.get(name) is not None:
+            if not isinstance(raw[name], dict):
+                raise ConfigError(f"{name} must be a mapping, got {raw[name]!r}")
+            sections[name] = _build(_section_class(name), raw[name], name)
     cfg = TrainConfig(model=model, **sections)
     for name in SECTIONS:
         section = getattr(cfg, name)
@@ -272,7 +289,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         value = yaml.safe_load(text) if text.strip() else None
         parts = key.split(".")
         top = parts[0]
-        _reject_unknown({top: None}, ("model", *SECTIONS), "", what=f"override {item!r}: ")
+        _reject_unknown({top: None}, ("model", *SECTIONS, *OPTIONAL_SECTIONS), "", what=f"override {item!r}: ")
         if top == "model":
             if len(parts) == 1:
                 raw["model"] = value
@@ -291,7 +308,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if len(parts) != 2:
             raise ConfigError(f"override {item!r}: expected section.key=value with section in "
                               f"{', '.join(SECTIONS)} (e.g. train.steps=300)")
-        names = [f.name for f in dataclasses.fields(SECTIONS[top])]
+        names = [f.name for f in dataclasses.fields(_section_class(top))]
         _reject_unknown({parts[1]: None}, names, top, what=f"override {item!r}: ")
         section = raw.get(top) or {}
         section[parts[1]] = value

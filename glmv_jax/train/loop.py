@@ -329,11 +329,15 @@ def main(config: str, workdir: str, overrides: list[str]) -> int:
     """`glmv train`: 0 when done, 3 when training diverged (bad config/data errors propagate to the CLI)."""
     cfg = load_train_config(config, overrides)
     try:
-        final = train(cfg, workdir)
+        if cfg.rl is not None:
+            from glmv_jax.rl.loop import train_rl
+            final = train_rl(cfg, workdir)
+        else:
+            final = train(cfg, workdir)
     except TrainingDiverged as e:
         print(f"\nglmv train: error: {e}", file=sys.stderr)
         return 3
-    print(json.dumps({k: final[k] for k in ("step", "loss", "eval_loss") if k in final}))
+    print(json.dumps({k: final[k] for k in ("step", "loss", "eval_loss", "eval_reward") if k in final}))
     return 0
 
 
