@@ -140,6 +140,37 @@ def _stop_index(ids: list[int], eos: tuple[int, ...]) -> int:
     return next((i for i, t in enumerate(ids) if t in eos), len(ids))
 
 
+def _train(args: argparse.Namespace) -> int:
+    from glmv_jax.train import loop
+    return loop.main(args.config, args.workdir, args.overrides)
+
+
+def _bench_module():
+    """benchmarks.bench: installed with the package, else from the source checkout next to glmv_jax (None if absent)."""
+    try:
+        from benchmarks import bench
+    except ImportError:
+        from pathlib import Path
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "benchmarks" / "bench.py").is_file():
+            return None
+        sys.path.insert(0, str(root))
+        from benchmarks import bench
+    return bench
+
+
+def _bench(args: argparse.Namespace) -> int:
+    bench = _bench_module()
+    if bench is None:
+        raise FileNotFoundError("glmv bench needs the benchmarks/ folder of a source checkout")
+    return bench.main(args=args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from glmv_jax import demo
+    return demo.main(args.workdir, fast=args.fast)
+
+
 def _not_yet(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"glmv {name}: not yet; it lands with its issue (see README)")
@@ -183,8 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=int, default=None, help="visual tokens per sequence (default seq/4)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     p.set_defaults(run=_plan)
-    for name in ("demo", "train", "bench"):
-        sub.add_parser(name, help=f"{name} (not yet)").set_defaults(run=_not_yet(name))
+    p = sub.add_parser("train", help="train or resume a run: orbax checkpoints and metrics.jsonl in --workdir")
+    p.add_argument("--config", required=True, help="training YAML, e.g. configs/tiny_pretrain.yaml")
+    p.add_argument("--workdir", required=True, help="run folder; the run resumes when it holds a checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=300")
+    p.set_defaults(run=_train)
+    p = sub.add_parser("bench", help="time glmv-jax against transformers on the same random weights (prefill, "
+                                     "train step, decode; f32 and bf16) with the machine's matmul/bandwidth limits")
+    bench = _bench_module()
+    if bench is not None:
+        bench.add_arguments(p)
+    p.set_defaults(run=_bench)
+    p = sub.add_parser("demo", help="pretraining, SFT and RLCS of the tiny model on the synthetic tasks, evaluated "
+                                    "after each stage; writes WORKDIR/report.md (finished stages are reused)")
+    p.add_argument("--workdir", default="runs/demo", help="one folder per stage, and the report")
+    p.add_argument("--fast", action="store_true", help="a smoke-sized run (a few steps per stage)")
+    p.set_defaults(run=_demo)
     return parser
 
 
