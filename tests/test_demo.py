@@ -1,0 +1,39 @@
+"""`glmv demo` end to end at smoke size: three stages, the report (table, PNG curves, three examples), and a
+second run that reuses every stage."""
+import re
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_fast_and_reuse(tmp_path):
+    from glmv_jax import demo
+
+    out = demo.run(tmp_path, fast=True)
+    report = (tmp_path / "report.md").read_text()
+    for row in ("| after pretraining |", "| after SFT |", "| after RL |"):
+        assert row in report
+    header = next(line for line in report.splitlines() if line.startswith("| stage |"))
+    for column in ("overall", "counting", "arithmetic", "ocr", "grounding", "format_ok"):
+        assert column in header
+    for png in ("pretrain_loss.png", "sft_loss.png", "rl_reward.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png})" in report
+    examples = re.findall(r"!\[[a-z]+ example\]\((example_\d+\.png)\)", report)
+    assert len(examples) == 3
+    for name in examples:
+        assert (tmp_path / name).is_file()
+    assert report.count("**Question:**") == 3 and report.count("**Ground truth:**") == 3
+    assert set(out["evals"]) == {"pretrain", "sft", "rl"}
+    assert not any(t["reused"] for t in out["timings"].values())
+    for scores in out["evals"].values():
+        assert 0.0 <= scores["reward"] <= 1.0 and 0.0 <= scores["format_ok"] <= 1.0
+
+    again = demo.run(tmp_path, fast=True)
+    assert all(t["reused"] for t in again["timings"].values())
+    assert again["evals"] == out["evals"]          # the saved evaluations, not new ones
+    assert again["total_s"] < out["total_s"] / 3
+    second = (tmp_path / "report.md").read_text()
+    assert demo.table({k: {"scores": v} for k, v in out["evals"].items()}) in second
+    assert "(reused)" in second
