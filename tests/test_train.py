@@ -178,7 +178,11 @@ CRASH_SCRIPT = textwrap.dedent("""
     ck.save(1, state(1))
     ck.wait()
     ck.save(2, state(2))                 # returns once the arrays are off the devices; files are written later
-    os.kill(os.getpid(), signal.SIGKILL)  # die while the background thread writes step 2
+    import pathlib, time
+    folder, deadline = pathlib.Path(sys.argv[1]) / "checkpoints", time.time() + 30
+    while not any(p.name.startswith("2.orbax-checkpoint-tmp") for p in folder.iterdir()) and time.time() < deadline:
+        time.sleep(0.001)                # the background thread has started writing step 2 once its tmp folder exists
+    os.kill(os.getpid(), signal.SIGKILL)  # die while it writes
 """)
 
 

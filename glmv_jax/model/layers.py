@@ -63,18 +63,21 @@ class SwiGLU(nn.Module):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array, kv_segment: jax.Array,
               q_index: jax.Array | None = None, kv_index: jax.Array | None = None,
-              chunk: int = 1024) -> jax.Array:
+              chunk: int | None = None) -> jax.Array:
     """Softmax attention restricted to equal segments, optionally causal, without an S x T mask in memory.
 
     q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (grouped-query attention, no K/V repeat).
     q_segment (B, T), kv_segment (B, S): a query sees a key only when their segment ids are equal and
     the key's id is non-zero (0 marks padding). If `q_index` (B, T) and `kv_index` (B, S) are given,
     the attention is causal: a query sees keys with `kv_index <= q_index`.
-    Queries are processed at most `chunk` at a time, so memory is O(chunk * S) per head. Scores and softmax
+    Queries are processed at most `chunk` at a time (default: 1024, fewer for long keys so that
+    chunk x S stays near 4M per head), so memory is O(chunk * S) per head. Scores and softmax
     in float32; returns (B, T, H, D) in q's dtype.
     """
     b, t, h, d = q.shape
     causal = q_index is not None
+    if chunk is None:  # bound each chunk's scores to ~4M entries per head: chunk x S
+        chunk = max(128, min(1024, (1 << 22) // max(k.shape[1], 1)))
     if not causal:
         q_index = jnp.zeros((b, t), jnp.int32)
         kv_index = jnp.zeros(kv_segment.shape, jnp.int32)
