@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from glmv_jax.checkpoint.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from glmv_jax.checkpoint.state import tree_problems
 from glmv_jax.config import GlmvConfig, from_hf_dict, to_hf_dict
 
 CONFIG_FILE = "config.json"
@@ -66,28 +67,12 @@ def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32") -> tup
     with ocp.StandardCheckpointer() as checkpointer:
         # Compare trees before reading any array: orbax's own mismatch error comes mid-read, for one
         # leaf, and leaves the other reads pending.
-        saved = _shapes(checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree)
-        wanted = _shapes(target)
-        problems = [f"missing {k}" for k in sorted(wanted.keys() - saved.keys())]
-        problems += [f"unexpected {k}" for k in sorted(saved.keys() - wanted.keys())]
-        problems += [f"{k} has shape {saved[k]}, expected {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
-                     if saved[k] != wanted[k]]
+        problems = tree_problems(checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree, target)
         if problems:
             shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} problems)" if len(problems) > 10 else "")
             raise CheckpointError(f"{path / PARAMS_DIR} does not match {path / CONFIG_FILE}: {shown}")
         params = checkpointer.restore(path / PARAMS_DIR, target)
     return config, params
-
-
-def _shapes(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    """{"decoder/layers/q/kernel": shape, ...} of a nested dict of arrays or array metadata."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_shapes(value, f"{prefix}{key}/"))
-        else:
-            out[prefix + key] = tuple(value.shape)
-    return out
 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = "float32") -> None:

@@ -172,17 +172,23 @@ class TrainCheckpointer:
         metadata = self._manager.item_metadata(step)[item]
         if metadata is None:
             raise CheckpointMismatch(f"{self.directory / str(step)} has no {item!r} item")
-        saved = _shapes(metadata)
-        wanted = _shapes(target)
-        problems = [f"missing {k}" for k in sorted(wanted.keys() - saved.keys())]
-        problems += [f"unexpected {k}" for k in sorted(saved.keys() - wanted.keys())]
-        problems += [f"{k} has shape {saved[k]}, expected {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
-                     if saved[k] != wanted[k]]
+        problems = tree_problems(metadata, target)
         if problems:
             shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)" if len(problems) > 8 else "")
             hint = (" (did the model or optimizer config change since it was saved?)" if item != "data" else "")
             raise CheckpointMismatch(f"checkpoint {self.directory / str(step)}/{item} does not match this run{hint}: "
                                      f"{shown}")
+
+
+def tree_problems(saved, wanted) -> list[str]:
+    """Differences between a saved tree (arrays or orbax metadata) and a target tree: missing and unexpected
+    leaves, and leaves whose shapes differ, each named by its path ("decoder/layers/q/kernel")."""
+    saved, wanted = _shapes(saved), _shapes(wanted)
+    problems = [f"missing {k}" for k in sorted(wanted.keys() - saved.keys())]
+    problems += [f"unexpected {k}" for k in sorted(saved.keys() - wanted.keys())]
+    problems += [f"{k} has shape {saved[k]}, expected {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
+                 if saved[k] != wanted[k]]
+    return problems
 
 
 def _shapes(tree) -> dict[str, tuple]:
