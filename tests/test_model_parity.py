@@ -71,14 +71,17 @@ def test_vision_block(tiny_pair):
     ocos, osin = rope.vision_cos_sin(layout["rows"], layout["cols"], config.vision.head_dim, config.vision.rope_theta)
     assert relative_error(ocos, cos.numpy()) <= MODULE_TOL and relative_error(osin, sin.numpy()) <= MODULE_TOL
     ours, _ = VisionBlock(config.vision).apply({"params": layer0(params["vision"]["blocks"])},
-                                               jnp.asarray(x.numpy()), ocos, osin, layout["segment"])
-    assert relative_error(ours, ref) <= MODULE_TOL
+                                               jnp.asarray(x.numpy())[None], ocos[None], osin[None],
+                                               layout["segment"][None])
+    assert relative_error(ours[0], ref) <= MODULE_TOL
 
 
+@pytest.mark.parametrize("layout", ["flat", "framed"])
 @pytest.mark.parametrize("grids", [[(1, 4, 6)], [(1, 4, 6), (1, 2, 40), (1, 10, 10)], [(3, 4, 6)]],
                          ids=["one", "three", "video3frames"])
-def test_vision_tower_and_projector(tiny_pair, grids):
-    """Whole tower + merger, with the patch count padded past the real patches (a bucket)."""
+def test_vision_tower_and_projector(tiny_pair, grids, layout):
+    """Whole tower + merger, flat with the patch count padded past the real patches (a bucket), or framed (one
+    padded row per frame pair, plus an empty row)."""
     config, model, params, _ = tiny_pair
     grid = np.array(grids)
     n = int(grid.prod(-1).sum())
@@ -86,8 +89,14 @@ def test_vision_tower_and_projector(tiny_pair, grids):
     with torch.no_grad():
         features = model.model.get_video_features if grid[0, 0] > 1 else model.model.get_image_features
         ref = torch.cat(features(torch.from_numpy(pixels), torch.from_numpy(grid)).pooler_output).numpy()
-    padded = np.concatenate([pixels, np.ones((20, pixels.shape[1]), np.float32)])
     grid_padded = np.concatenate([grid, np.zeros((1, 3), grid.dtype)])
+    if layout == "flat":
+        padded = np.concatenate([pixels, np.ones((20, pixels.shape[1]), np.float32)])
+    else:
+        sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+        padded = np.ones((len(sizes) + 1, sizes.max() + 8, pixels.shape[1]), np.float32)  # garbage padding
+        for f, start in enumerate(np.cumsum(sizes) - sizes):
+            padded[f, :sizes[f]] = pixels[start:start + sizes[f]]
     ours = Glmv(config).apply({"params": params}, jnp.asarray(padded), jnp.asarray(grid_padded),
                               method=Glmv.encode_visual)
     assert relative_error(ours[: ref.shape[0]], ref) <= MODULE_TOL

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from glmv_jax import forward
+from glmv_jax.model.inputs import frame_pixels
 from glmv_jax.parallel import mesh as mesh_lib
 from glmv_jax.parallel.context import balanced_order
 from glmv_jax.shapes import pow2, round_up, bucket
@@ -95,6 +96,26 @@ def test_sharded_logits_and_gradients_equal_single_device(reference_run, sizes):
                      image_grid_thw=batch["image_grid_thw"][batch["image_grid_thw"][:, 0] > 0], mesh=mesh)
     mask = batch["segment_ids"] > 0
     assert relative_error(np.asarray(logits)[mask], np.asarray(ref_logits)[mask]) <= 1e-5
+
+
+@pytest.mark.parametrize("sizes", MESHES[::2], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_framed_pixels_sharded_equal_flat_single_device(reference_run, sizes):
+    """The framed vision layout (one frame per row, frames split over the mesh) gives the flat run's loss and grads."""
+    config, params, batch, ref_loss, ref_grads, _ = reference_run
+    grid = batch["image_grid_thw"]
+    frames = pow2(int(grid[:, 0].sum()))
+    assert frames % 4 == 0  # split over data x context or fsdp
+    framed = {**batch, "pixel_values": frame_pixels(batch["pixel_values"], grid, frames, 16)}
+    mesh = mesh_lib.make_mesh(**sizes)
+    sharded = jax.device_put(params, mesh_lib.param_shardings(config, mesh))
+    placed = mesh_lib.shard_batch(framed, mesh, {**SPECS, "pixel_values": ("patches", None, None)})
+    with jax.set_mesh(mesh):
+        loss_grad = jax.jit(jax.value_and_grad(
+            lambda p, b: batch_loss(p, config, b, context=mesh.shape["context"])[0]))
+        loss, grads = loss_grad(sharded, placed)
+    assert relative_error(loss, ref_loss) <= 1e-5
+    worst = max(jax.tree.leaves(jax.tree.map(relative_error, grads, ref_grads)))
+    assert worst <= 1e-5, worst
 
 
 def test_params_are_split_over_tensor_and_fsdp(tiny_pair):

@@ -38,7 +38,8 @@ class Glmv(nn.Module):
         self.decoder = Decoder(cfg.text, cfg.tie_word_embeddings, self.param_dtype, self.remat_policy)
 
     def encode_visual(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
-        """pixel_values (N, patch_dim), grid_thw (G, 3) -> merged visual tokens (N / merge^2, hidden)."""
+        """pixel_values (N, patch_dim) or framed (F, W, patch_dim) (see `vision`), grid_thw (G, 3) -> merged
+        visual tokens (N / merge^2 or F * W / merge^2, hidden) in grid order."""
         return self.projector(self.vision(pixel_values, grid_thw))
 
     def embed_inputs(self, input_ids, token_types, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -145,9 +146,8 @@ def forward(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel
         config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
         pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
         mm_token_type_ids=mm_token_type_ids, position_ids=position_ids)
-    merge = config.vision.spatial_merge_size
-    pixel_values, image_grid = inputs.pad_visual(pixel_values, image_grid, merge)
-    pixel_values_videos, video_grid = inputs.pad_visual(pixel_values_videos, video_grid, merge)
+    pixel_values, image_grid = inputs.pad_visual(pixel_values, image_grid, config.vision)
+    pixel_values_videos, video_grid = inputs.pad_visual(pixel_values_videos, video_grid, config.vision)
     as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
     context = 1
     scope = contextlib.nullcontext()

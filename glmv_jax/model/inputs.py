@@ -1,13 +1,13 @@
 """Checks on model inputs (clear errors before any compile or heavy work) and shape buckets for jit.
 
-Visual inputs are padded to a bucket of patches and a power-of-two number of grid rows, so images
-of different sizes with about the same token budget share one compiled program.
+Visual inputs are padded to buckets (patches, frames, frame width) and a power-of-two number of grid
+rows, so images of different sizes with about the same token budget share one compiled program.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from glmv_jax.config import GlmvConfig
+from glmv_jax.config import GlmvConfig, VisionConfig
 from glmv_jax.shapes import bucket, pow2, round_up
 
 
@@ -81,13 +81,41 @@ def check_inputs(config: GlmvConfig, input_ids, *, attention_mask=None, pixel_va
     return ids.astype(np.int32), mask.astype(np.int32), image_grid, video_grid
 
 
-def pad_visual(pixels, grid: np.ndarray | None, merge: int):
-    """Pad pixel rows to a bucket (a multiple of merge^2) and grid rows to a power of two (zero rows)."""
+def pad_visual(pixels, grid: np.ndarray | None, vision: VisionConfig):
+    """Visual inputs in the cheaper of the vision tower's two layouts, padded to shape buckets.
+
+    Returns (pixels, grid): grid rows padded to a power of two (zero rows); pixels either framed
+    (F, W, patch_dim), one frame pair per row, F a power of two and W a bucket of the largest frame,
+    or flat (N, patch_dim), N a bucket of the patch count (always for a single frame). Framed is taken
+    when it saves cross-image attention scores without padding many more patches: a layout's estimated
+    cost is rows x (A + keys per query), A = 2 * hidden + 1.5 * intermediate being a patch's dense-layer
+    FLOPs in units of one key's attention FLOPs. Both layouts compute the same features.
+    """
     if grid is None:
         return None, None
-    rows = int(np.prod(grid, axis=1).sum())
-    target = round_up(bucket(rows), merge * merge)
+    grid = np.asarray(grid, np.int32)
     pixels = np.asarray(pixels)
-    pixels = np.concatenate([pixels, np.zeros((target - rows, pixels.shape[1]), pixels.dtype)])
+    unit = vision.spatial_merge_size ** 2
+    sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])  # patches per frame pair, in order
+    rows = int(sizes.sum())
+    flat = round_up(bucket(rows), unit)
+    frames, width = pow2(len(sizes)), round_up(bucket(int(sizes.max()), minimum=16), unit)
     grid = np.concatenate([grid, np.zeros((pow2(len(grid)) - len(grid), 3), np.int32)])
-    return pixels, grid
+    per_patch = 2 * vision.hidden_size + 1.5 * vision.intermediate_size
+    if len(sizes) > 1 and frames * width * (per_patch + width) < flat * (per_patch + flat):
+        return frame_pixels(pixels, grid, frames, width), grid
+    return np.concatenate([pixels, np.zeros((flat - rows, pixels.shape[1]), pixels.dtype)]), grid
+
+
+def frame_pixels(pixels: np.ndarray, grid: np.ndarray, frames: int, width: int) -> np.ndarray:
+    """Flat pixel rows (N, patch_dim) of `grid` (zero rows allowed) -> the framed layout (frames, width, patch_dim):
+    frame pair f of the grid order in row f, zero-padded. Raises InputError if they do not fit."""
+    grid = np.asarray(grid, np.int64)
+    sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    if len(sizes) > frames or (len(sizes) and sizes.max() > width):
+        raise InputError(f"{len(sizes)} frames of up to {sizes.max() if len(sizes) else 0} patches do not fit "
+                         f"a framed layout of {frames} x {width}")
+    out = np.zeros((frames, width, pixels.shape[1]), pixels.dtype)
+    for f, (start, size) in enumerate(zip(np.cumsum(sizes) - sizes, sizes)):
+        out[f, :size] = pixels[start:start + size]
+    return out

@@ -4,6 +4,7 @@ Shapes: B batch, T query length, S key length, H query heads, K key/value heads,
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -61,6 +62,107 @@ class SwiGLU(nn.Module):
                      param_dtype=self.param_dtype)(nn.silu(gate) * up)
 
 
+def _allowed(q_segment, kv_segment, q_index, kv_index):
+    """(B, T, S): same non-zero segment and key index <= query index."""
+    same = (q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+    return same & (kv_index[:, None, :] <= q_index[:, :, None])
+
+
+def _scores(q, k, allowed):
+    """Scaled scores (B, K, G, T, S) in float32, -inf where a key is not allowed."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    return jnp.where(allowed[:, None, None], s, -jnp.inf)
+
+
+def _chunk_forward(q, k, v, allowed):
+    """One query chunk: output (B, T, K, G, D) in q's dtype and the log-sum-exp (B, T, K, G), +inf for a
+    query that sees no key (its output is 0)."""
+    s = _scores(q, k, allowed)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    p = p * jnp.where(total > 0, 1.0 / total, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    lse = jnp.where(total > 0, m + jnp.log(total), jnp.inf)[..., 0]
+    return out.astype(q.dtype), jnp.moveaxis(lse, 3, 1)
+
+
+def _chunk_backward(q, k, v, allowed, out, d_out, lse):
+    """Gradients of one query chunk (dq, dk, dv in float32), flash-attention style: probabilities from
+    the saved log-sum-exp, and the softmax Jacobian through rowsum(dO * O) instead of a sum over keys."""
+    p = jnp.exp(_scores(q, k, allowed) - jnp.moveaxis(lse, 1, 3)[..., None])
+    dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("btkgd,bskd->bkgts", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    ds = (p * (dp - row[..., None]) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
+def _split(x, n: int, size: int):
+    """(B, T, ...) -> (n, B, size, ...), zero-padded along T (padded queries get segment 0)."""
+    x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+
+
+def _merge(x, t: int):
+    """(n, B, size, ...) -> (B, t, ...)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def _chunks(t: int, chunk: int) -> tuple[int, int]:
+    n = -(-t // chunk)
+    return n, -(-t // n)  # balanced chunks: padding stays below n queries
+
+
+def _segment_attention_fwd(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
+    t = q.shape[1]
+    if t <= chunk:
+        out, lse = _chunk_forward(q, k, v, _allowed(q_segment, kv_segment, q_index, kv_index))
+    else:
+        n, size = _chunks(t, chunk)
+
+        def one(xs):
+            qc, qs, qi = xs
+            return _chunk_forward(qc, k, v, _allowed(qs, kv_segment, qi, kv_index))
+
+        out, lse = jax.lax.map(one, (_split(q, n, size), _split(q_segment, n, size), _split(q_index, n, size)))
+        out, lse = _merge(out, t), _merge(lse, t)
+    return out, (q, k, v, q_segment, kv_segment, q_index, kv_index, out, lse)
+
+
+def _segment_attention_bwd(chunk, residuals, d_out):
+    q, k, v, q_segment, kv_segment, q_index, kv_index, out, lse = residuals
+    t = q.shape[1]
+
+    def one(carry, xs):
+        qc, qs, qi, oc, doc, lc = xs
+        dq, dk, dv = _chunk_backward(qc, k, v, _allowed(qs, kv_segment, qi, kv_index), oc, doc, lc)
+        return (carry[0] + dk, carry[1] + dv), dq
+
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if t <= chunk:
+        (dk, dv), dq = one(zeros, (q, q_segment, q_index, out, d_out, lse))
+    else:
+        n, size = _chunks(t, chunk)
+        xs = tuple(_split(x, n, size) for x in (q, q_segment, q_index, out, d_out, lse))
+        (dk, dv), dq = jax.lax.scan(one, zeros, xs)
+        dq = _merge(dq, t)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _segment_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
+    """q (B, T, K, G, D), k and v (B, S, K, D) -> (B, T, K, G, D); queries `chunk` at a time."""
+    return _segment_attention_fwd(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk)[0]
+
+
+_segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array, kv_segment: jax.Array,
               q_index: jax.Array | None = None, kv_index: jax.Array | None = None,
               chunk: int | None = None) -> jax.Array:
@@ -68,11 +170,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
 
     q (B, T, H, D); k, v (B, S, K, D) with H a multiple of K (grouped-query attention, no K/V repeat).
     q_segment (B, T), kv_segment (B, S): a query sees a key only when their segment ids are equal and
-    the key's id is non-zero (0 marks padding). If `q_index` (B, T) and `kv_index` (B, S) are given,
-    the attention is causal: a query sees keys with `kv_index <= q_index`.
+    the key's id is non-zero (0 marks padding); a query that sees no key gets 0. If `q_index` (B, T) and
+    `kv_index` (B, S) are given, the attention is causal: a query sees keys with `kv_index <= q_index`.
     Queries are processed at most `chunk` at a time (default: 1024, fewer for long keys so that
-    chunk x S stays near 4M per head), so memory is O(chunk * S) per head. Scores and softmax
-    in float32; returns (B, T, H, D) in q's dtype.
+    chunk x S stays near 4M per head); the backward recomputes each chunk's probabilities from the
+    saved log-sum-exp (flash-attention style), so neither pass holds more than chunk x S scores per
+    head. Scores and softmax in float32; returns (B, T, H, D) in q's dtype.
     """
     b, t, h, d = q.shape
     causal = q_index is not None
@@ -82,23 +185,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
         q_index = jnp.zeros((b, t), jnp.int32)
         kv_index = jnp.zeros(kv_segment.shape, jnp.int32)
 
-    def attend(qc, qseg, qidx):
-        allowed = (qseg[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
-        if causal:
-            allowed &= kv_index[:, None, :] <= qidx[:, :, None]
-        # XLA's fused attention: grouped heads without repeating K/V, float32 softmax
-        return jax.nn.dot_product_attention(qc, k, v, mask=allowed[:, None], implementation="xla")
-
-    if t <= chunk:
-        return attend(q, q_segment, q_index)
-    n = -(-t // chunk)
-    size = -(-t // n)  # balanced chunks: padding stays below n tokens
-    pad = n * size - t
-
-    def split(x):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
-
-    # each chunk's scores are recomputed in the backward pass, so memory stays O(chunk * S) there too
-    out = jax.lax.map(jax.checkpoint(lambda args: attend(*args)), (split(q), split(q_segment), split(q_index)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * size, h, d)[:, :t]
+    grouped = q.reshape(b, t, k.shape[2], h // k.shape[2], d)  # query head i uses K/V head i // (H / K)
+    out = _segment_attention(grouped, k, v, q_segment, kv_segment, q_index, kv_index, chunk)
+    return out.reshape(b, t, h, d)

@@ -22,19 +22,19 @@ def inverse_frequencies(dim: int, theta: float) -> jax.Array:
 # ----------------------------------------------------------------------------------- vision
 
 def vision_cos_sin(rows: jax.Array, cols: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin (N, head_dim) float32 for patches at (rows, cols) (N,)."""
+    """cos, sin (..., N, head_dim) float32 for patches at (rows, cols) (..., N)."""
     inv = inverse_frequencies(head_dim // 2, theta)  # head_dim / 4 frequencies per axis
-    angles = jnp.concatenate([rows[:, None] * inv, cols[:, None] * inv], axis=-1).astype(jnp.float32)
+    angles = jnp.concatenate([rows[..., None] * inv, cols[..., None] * inv], axis=-1).astype(jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_vision_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x (..., N, heads, D) rotated in float32 with `rotate_half`, returned in x's dtype."""
+    """x (..., N, heads, D) rotated by cos, sin (..., N, D) in float32 (`rotate_half`), returned in x's dtype."""
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------------- text

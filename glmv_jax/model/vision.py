@@ -1,11 +1,19 @@
 """The GLM-4.1V vision tower: patch embed -> RMSNorm -> + resampled positions -> blocks -> RMSNorm -> 2x2 downsample.
 
-Input `pixel_values` (N, C*T*P*P) holds every image's patches back to back in the 2x2 merge-window
-order; N may be padded past the real patches (a shape bucket), padded rows are ignored and their
-outputs are garbage. `grid_thw` (G, 3) gives (t, h, w) per image or video in patch units; rows of
-zeros are padding. Attention stays inside each (image, frame pair) without any N x N mask.
+`grid_thw` (G, 3) gives (t, h, w) per image or video in patch units (rows of zeros are padding).
+`pixel_values` come in one of two layouts, both with the patches of a frame in the 2x2 merge-window order:
+  flat    (N, C*T*P*P)     every image's patches back to back, as transformers takes them; N may be padded
+                           past the real patches (a shape bucket). Attention runs over the whole sequence,
+                           restricted to each (image, frame pair) by segment ids: N x N scores.
+  framed  (F, W, C*T*P*P)  one frame pair per row (in grid order), zero-padded to W patches; F and W are
+                           shape buckets (`model.inputs.pad_visual` builds it). Attention runs per row:
+                           F x W x W scores, so a batch of images costs no cross-image scores.
+Padded patches are ignored; their outputs are garbage. The output is the same in both layouts: merged
+tokens in grid order, padding after the real ones.
 """
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -14,7 +22,7 @@ import jax.numpy as jnp
 from glmv_jax.config import VisionConfig
 from glmv_jax.model import rope
 from glmv_jax.model.layers import RMSNorm, SwiGLU, attention, dense
-from glmv_jax.parallel.context import in_mesh, sharded_attention
+from glmv_jax.parallel.context import in_mesh, mesh_size, sharded_attention
 from glmv_jax.parallel.mesh import RULES, constrain
 
 PATCH_AXES = RULES["patches"]
@@ -22,8 +30,15 @@ PATCH_AXES = RULES["patches"]
 BICUBIC_A = -0.75  # PyTorch's Keys constant, used by grid_sample
 
 
+def _window_coords(p: jax.Array, w: jax.Array, merge: int) -> tuple[jax.Array, jax.Array]:
+    """Row and column of the patch at position `p` of a frame `w` patches wide, in merge-window order."""
+    window, inside = p // (merge * merge), p % (merge * merge)
+    windows_per_row = jnp.maximum(w // merge, 1)
+    return (window // windows_per_row) * merge + inside // merge, (window % windows_per_row) * merge + inside % merge
+
+
 def patch_layout(grid_thw: jax.Array, num_patches: int, merge: int) -> dict[str, jax.Array]:
-    """Per patch (N,): its row and column in its image, the image's h and w, and its attention segment.
+    """Flat layout, per patch (N,): its row and column in its image, the image's h and w, and its segment.
 
     Segments number every frame pair of every grid from 1; padding patches get segment 0.
     """
@@ -35,17 +50,47 @@ def patch_layout(grid_thw: jax.Array, num_patches: int, merge: int) -> dict[str,
     local = n - (ends[g] - t[g] * h[g] * w[g])
     frame_size = jnp.maximum(h[g] * w[g], 1)
     frame, p = local // frame_size, local % frame_size
-    window, inside = p // (merge * merge), p % (merge * merge)
-    windows_per_row = jnp.maximum(w[g] // merge, 1)
-    rows = (window // windows_per_row) * merge + inside // merge
-    cols = (window % windows_per_row) * merge + inside % merge
+    rows, cols = _window_coords(p, w[g], merge)
     first_segment = jnp.cumsum(t) - t
     real = n < ends[-1]
     segment = jnp.where(real, first_segment[g] + frame + 1, 0).astype(jnp.int32)
+    return _padded_layout(real, rows, cols, h[g], w[g], segment, merge)
+
+
+def frame_layout(grid_thw: jax.Array, frames: int, width: int, merge: int) -> dict[str, jax.Array]:
+    """Framed layout, per patch slot (F, W): as `patch_layout`; row f holds the f-th frame pair in grid order."""
+    grid_thw = jnp.asarray(grid_thw, jnp.int32)
+    t, h, w = grid_thw[:, 0], grid_thw[:, 1], grid_thw[:, 2]
+    frame_ends = jnp.cumsum(t)
+    f = jnp.arange(frames)
+    g = jnp.clip(jnp.searchsorted(frame_ends, f, side="right"), 0, grid_thw.shape[0] - 1)[:, None]
+    p = jnp.arange(width)[None]
+    real = (f[:, None] < frame_ends[-1]) & (p < h[g] * w[g])
+    rows, cols = _window_coords(p, w[g], merge)
+    segment = jnp.broadcast_to(f[:, None] + 1, real.shape).astype(jnp.int32)
+    return _padded_layout(real, rows, cols, h[g], w[g], jnp.where(real, segment, 0), merge)
+
+
+def _padded_layout(real, rows, cols, h, w, segment, merge) -> dict[str, jax.Array]:
     # padding patches get a harmless 2x2 image at (0, 0) so nothing downstream divides by zero
-    keep = lambda x, pad: jnp.where(real, x, pad)  # noqa: E731
-    return {"rows": keep(rows, 0), "cols": keep(cols, 0), "h": keep(h[g], merge), "w": keep(w[g], merge),
+    keep = lambda x, pad: jnp.broadcast_to(jnp.where(real, x, pad), real.shape)  # noqa: E731
+    return {"rows": keep(rows, 0), "cols": keep(cols, 0), "h": keep(h, merge), "w": keep(w, merge),
             "segment": segment}
+
+
+def compact_frames(features: jax.Array, grid_thw: jax.Array, merge: int) -> jax.Array:
+    """(F, W', D) merged tokens of the framed layout -> (F * W', D) in grid order, real tokens first."""
+    frames, width = features.shape[:2]
+    grid_thw = jnp.asarray(grid_thw, jnp.int32)
+    t, tokens = grid_thw[:, 0], grid_thw[:, 1] * grid_thw[:, 2] // (merge * merge)
+    frame_ends = jnp.cumsum(t)
+    g = jnp.clip(jnp.searchsorted(frame_ends, jnp.arange(frames), side="right"), 0, grid_thw.shape[0] - 1)
+    per_frame = jnp.where(jnp.arange(frames) < frame_ends[-1], tokens[g], 0)
+    token_ends = jnp.cumsum(per_frame)
+    m = jnp.arange(frames * width)
+    frame = jnp.clip(jnp.searchsorted(token_ends, m, side="right"), 0, frames - 1)
+    local = jnp.clip(m - (token_ends[frame] - per_frame[frame]), 0, width - 1)
+    return features.reshape(frames * width, -1)[frame * width + local]
 
 
 def _cubic_weights(frac: jax.Array) -> jax.Array:
@@ -76,15 +121,19 @@ def bicubic_matrix(coord: jax.Array, size: jax.Array, side: int) -> jax.Array:
 
 
 def resample_positions(table: jax.Array, layout: dict[str, jax.Array], side: int) -> jax.Array:
-    """The learned (side*side, D) table resampled bicubically at every patch: (N, D) float32."""
-    wy = bicubic_matrix(layout["rows"], layout["h"], side)
-    wx = bicubic_matrix(layout["cols"], layout["w"], side)
+    """The learned (side*side, D) table resampled bicubically at every patch: (..., N, D) float32."""
+    shape = layout["rows"].shape
+    wy = bicubic_matrix(layout["rows"].reshape(-1), layout["h"].reshape(-1), side)
+    wx = bicubic_matrix(layout["cols"].reshape(-1), layout["w"].reshape(-1), side)
     weights = (wy[:, :, None] * wx[:, None, :]).reshape(wy.shape[0], side * side)
-    return jnp.dot(weights, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    out = jnp.dot(weights, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(*shape, table.shape[-1])
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm block: x + Attn(norm1(x)), then x + SwiGLU(norm2(x)) of width out_hidden_size."""
+    """Pre-norm block: x + Attn(norm1(x)), then x + SwiGLU(norm2(x)) of width out_hidden_size.
+
+    x (B, L, D) with B = 1 (flat layout) or B = frames (framed layout); segment (B, L)."""
 
     config: VisionConfig
     param_dtype: jnp.dtype = jnp.float32
@@ -92,18 +141,21 @@ class VisionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array):
         cfg, pd = self.config, self.param_dtype
-        x = constrain(x, ("patches", "act_embed"))
+        if x.shape[0] == 1:  # flat: patches split over every non-tensor axis, keys gathered, attention per image
+            x = constrain(x, (None, "patches", "act_embed"))
+            attend = functools.partial(sharded_attention, seq_axes=PATCH_AXES, batch_axes=()) if in_mesh() \
+                else attention
+        elif in_mesh() and x.shape[0] % mesh_size(PATCH_AXES) == 0:  # framed: whole frames on each device
+            x = constrain(x, ("patches", None, "act_embed"))
+            attend = functools.partial(sharded_attention, seq_axes=(), batch_axes=PATCH_AXES)
+        else:
+            attend = attention
         y = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="norm1")(x)
         qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "head_dim"),
                     use_bias=cfg.attention_bias, name="qkv", param_dtype=pd)(y)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = rope.apply_vision_rope(q, cos, sin), rope.apply_vision_rope(k, cos, sin)
-        seg = segment[None]
-        if in_mesh():  # patches split over every non-tensor axis; keys gathered, attention per image
-            out = sharded_attention(q[None], k[None], v[None], q_segment=seg, kv_segment=seg,
-                                    seq_axes=PATCH_AXES, batch_axes=())[0]
-        else:
-            out = attention(q[None], k[None], v[None], q_segment=seg, kv_segment=seg)[0]
+        out = attend(q, k, v, q_segment=segment, kv_segment=segment)
         x = x + dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="proj", in_dims=2,
                       param_dtype=pd)(out)
         y = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="norm2")(x)
@@ -111,9 +163,10 @@ class VisionBlock(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """pixel_values (N, patch_dim), grid_thw (G, 3) -> downsampled features (N / merge^2, out_hidden_size).
+    """pixel_values (N, patch_dim) or (F, W, patch_dim), grid_thw (G, 3) -> merged features (M, out_hidden_size)
+    in grid order with M = N / merge^2 or F * W / merge^2.
 
-    N must be a multiple of merge^2. Pass pixels in the parameters' dtype (the reference casts them too).
+    N and W must be multiples of merge^2. Pass pixels in the parameters' dtype (the reference casts them too).
     """
 
     config: VisionConfig
@@ -123,8 +176,13 @@ class VisionTower(nn.Module):
     @nn.compact
     def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
         cfg, pd = self.config, self.param_dtype
-        n, merge = pixel_values.shape[0], cfg.spatial_merge_size
-        layout = patch_layout(grid_thw, n, merge)
+        merge = cfg.spatial_merge_size
+        framed = pixel_values.ndim == 3
+        if framed:
+            layout = frame_layout(grid_thw, pixel_values.shape[0], pixel_values.shape[1], merge)
+        else:
+            layout = jax.tree.map(lambda a: a[None], patch_layout(grid_thw, pixel_values.shape[0], merge))
+            pixel_values = pixel_values[None]
 
         x = dense(cfg.hidden_size, ("patch", "embed"), use_bias=True, name="patch_embed", param_dtype=pd)(pixel_values)
         x = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="post_conv_norm")(x)
@@ -140,6 +198,6 @@ class VisionTower(nn.Module):
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(cfg, pd, name="blocks")(x, cos, sin, layout["segment"])
         x = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="post_norm")(x)
-        x = x.reshape(n // (merge * merge), merge * merge * cfg.hidden_size)
-        return dense(cfg.out_hidden_size, ("patch", "embed"), use_bias=True, name="downsample",
-                     param_dtype=pd)(x)
+        x = x.reshape(x.shape[0], x.shape[1] // (merge * merge), merge * merge * cfg.hidden_size)
+        x = dense(cfg.out_hidden_size, ("patch", "embed"), use_bias=True, name="downsample", param_dtype=pd)(x)
+        return compact_frames(x, grid_thw, merge) if framed else x[0]

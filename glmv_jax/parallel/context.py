@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -37,6 +38,12 @@ def reorder(arrays: dict[str, jax.Array], order: np.ndarray, axes: dict[str, int
 def mesh_axes_in(axes: Sequence[str], mesh) -> tuple[str, ...]:
     """The subset of `axes` the mesh splits (size > 1)."""
     return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def mesh_size(axes: Sequence[str]) -> int:
+    """How many ways the current mesh splits over `axes` (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes)
 
 
 def sharded_attention(q, k, v, *, q_segment, kv_segment, q_index=None, kv_index=None,
