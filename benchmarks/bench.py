@@ -150,6 +150,20 @@ def decode_weight_bytes(params) -> int:
 
 # ------------------------------------------------------------------------------------ limits
 
+def train_inputs(inputs: dict, config) -> dict:
+    """Our training batch for a bench prompt: every position predicts the next one, as transformers' labels;
+    visual inputs in the layout `pad_visual` picks (framed: one image per row)."""
+    from glmv_jax.model.inputs import pad_visual
+    pixels, grid = pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], config.vision)
+    ids = inputs["input_ids"].astype(np.int32)
+    targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+    loss_mask = np.ones(ids.shape, np.float32)
+    loss_mask[:, -1] = 0.0
+    return {"input_ids": ids, "segment_ids": np.ones_like(ids), "targets": targets, "loss_mask": loss_mask,
+            "mm_token_type_ids": inputs["mm_token_type_ids"].astype(np.int32), "pixel_values": pixels,
+            "image_grid_thw": grid}
+
+
 def measure_limits(s: Settings) -> list[dict]:
     """Matmul peak (f32; bf16 with f32 accumulation) and read bandwidth, jitted, with torch's beside them."""
     import jax
@@ -276,14 +290,7 @@ class Bench:
     # ---- training
     def train_batch(self, batch: int) -> dict:
         inputs = self.prompt(batch)
-        ids = inputs["input_ids"].astype(np.int32)
-        targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
-        loss_mask = np.ones(ids.shape, np.float32)
-        loss_mask[:, -1] = 0.0  # as transformers' labels: every position predicts the next one
-        return {"input_ids": ids, "segment_ids": np.ones_like(ids), "targets": targets, "loss_mask": loss_mask,
-                "mm_token_type_ids": inputs["mm_token_type_ids"].astype(np.int32),
-                "pixel_values": inputs["pixel_values"],
-                "image_grid_thw": inputs["image_grid_thw"].astype(np.int32)}, inputs
+        return train_inputs(inputs, self.config), inputs
 
     def train(self, batch: int) -> dict:
         import jax

@@ -59,7 +59,7 @@ def test_first_update_is_on_policy(setup):
     prompts = rlcs.make_prompts(examples, tokenizer, processor, tokenizer.eos_ids[0])
     rows = np.repeat(np.arange(4), 2)
     out = rlcs.rollout(params, config, prompts, rows, rlcs.sampling_config(cfg, tokenizer), seed=3)
-    batch = rlcs.update_batch(prompts, rows, out, np.ones(8, np.float32), config.vision.spatial_merge_size)
+    batch = rlcs.update_batch(prompts, rows, out, np.ones(8, np.float32), config)
     tx = make_optimizer(OptimizerConfig(learning_rate=0.0, weight_decay=0.0), params)
     _, metrics = rlcs.make_policy_step(config, tx, cfg)(init_state(params, tx), batch)
     assert abs(float(metrics["ratio"]) - 1.0) < 1e-4

@@ -154,7 +154,8 @@ def evaluate(params, config: GlmvConfig, prompts: Prompts, cfg: RLConfig, tokeni
 
 # ------------------------------------------------------------------------------------ update
 
-def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: np.ndarray, merge: int) -> dict:
+def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: np.ndarray,
+                 config: GlmvConfig) -> dict:
     """Teacher-forcing rows prompt + response for the policy loss, with old log-probs at the target places.
 
     Row r: the left-padded prompt (T) then its N response tokens. targets[t] = sequence[t + 1];
@@ -172,7 +173,7 @@ def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: 
     old = np.zeros((s, t + n), np.float32)
     mask[:, t - 1:t - 1 + n] = live
     old[:, t - 1:t - 1 + n] = out["logprobs"]
-    pixels, grid = model_inputs.pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], merge)
+    pixels, grid = model_inputs.pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], config.vision)
     return {"input_ids": ids.astype(np.int32), "segment_ids": segment, "mm_token_type_ids": types,
             "targets": targets.astype(np.int32), "loss_mask": mask, "old_logp": old,
             "advantages": advantages.astype(np.float32), "pixel_values": pixels, "image_grid_thw": grid}
@@ -208,7 +209,8 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
               seed: int) -> tuple[dict, dict]:
     """One RLCS iteration; returns (new train state, metrics)."""
     t0 = time.perf_counter()
-    count = curriculum.next_prompt_count(cfg.groups)
+    # At least the EMA's prompt count, rounded up to a shape bucket so the sampler compiles a few programs.
+    count = bucket(curriculum.next_prompt_count(cfg.groups), minimum=cfg.groups)
     ids = curriculum.sample(count, rng)
     prompts = make_prompts([pool[i] for i in ids], tokenizer, processor, tokenizer.eos_ids[0])
     rows = np.repeat(np.arange(len(ids)), cfg.group_size)
@@ -230,7 +232,7 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     updates = []
     for part in np.array_split(rng.permutation(chosen), cfg.minibatches):
         batch = update_batch(prompts, rows[part], {k: v[part] for k, v in out.items()},
-                             advantages.reshape(-1)[part], config.vision.spatial_merge_size)
+                             advantages.reshape(-1)[part], config)
         state, metrics = step_fn(state, batch)
         updates.append(jax.tree.map(float, metrics))
     t_update = time.perf_counter() - t0 - t_rollout - t_score

@@ -108,6 +108,7 @@ class DataConfig:
     max_pixels: int = 9633792
     pixel_rows: int = 0
     max_images: int = 0
+    frame_patches: int = 0    # > 0: framed pixel layout, max_images rows of this many patches (attention per image)
     pack_buffer: int = 16
     workers: int = 0
 
@@ -115,7 +116,9 @@ class DataConfig:
         _choice("data.source", self.source, SOURCES)
         _choice("data.mode", self.mode, MODES)
         _positive("data", self, "seq_len", "batch_size", "vocab_size", "min_pixels", "max_pixels", "pack_buffer")
-        _non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers")
+        _non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers", "frame_patches")
+        if self.frame_patches and not self.max_images:
+            raise ConfigError("data.frame_patches needs data.max_images (the number of frame rows)")
         if self.source == "synthetic" and self.n_train < 1:
             raise ConfigError("data.n_train must be positive for the synthetic source")
         if self.source == "tfds" and not self.data_dir:
