@@ -32,9 +32,9 @@ N_EXAMPLES = 3
 _SMALL = ["data.min_pixels=1568", "data.max_pixels=6272"]   # 28..56 px images in the smoke run
 FAST = {
     "pretrain": ["train.steps=6", "train.eval_every=0", "train.log_every=3", "checkpoint.every=6",
-                 "data.n_train=200", "data.seq_len=128", "data.pixel_rows=1024", "data.max_images=64", *_SMALL],
+                 "data.n_train=200", "data.seq_len=128", "data.max_images=64", "data.frame_patches=16", *_SMALL],
     "sft": ["train.steps=4", "train.eval_every=0", "train.log_every=2", "checkpoint.every=4", "data.n_train=200",
-            "data.seq_len=128", "data.pixel_rows=1024", "data.max_images=32", *_SMALL],
+            "data.seq_len=128", "data.max_images=32", "data.frame_patches=16", *_SMALL],
     "rl": ["rl.iterations=2", "rl.groups=2", "rl.group_size=4", "rl.prompt_pool=8", "rl.eval_prompts=8",
            "rl.eval_every=1", "rl.offline_k=2", "rl.max_new_tokens=16", "rl.thinking_budget=8",
            "optimizer.total_steps=4", "checkpoint.every=2", *_SMALL],
