@@ -72,6 +72,22 @@ def reference_run(tiny_pair):
     return config, params, batch, loss, grads, logits
 
 
+def check_sharded_loss_and_grads(reference_run, sizes, batch, specs):
+    """The loss and every gradient of `batch` on a mesh of `sizes` equal the single-device run within 1e-5."""
+    config, params, _, ref_loss, ref_grads, _ = reference_run
+    mesh = mesh_lib.make_mesh(**sizes)
+    sharded = jax.device_put(params, mesh_lib.param_shardings(config, mesh))
+    placed = mesh_lib.shard_batch(batch, mesh, specs)
+    with jax.set_mesh(mesh):
+        loss_grad = jax.jit(jax.value_and_grad(
+            lambda p, b: batch_loss(p, config, b, context=mesh.shape["context"])[0]))
+        loss, grads = loss_grad(sharded, placed)
+    assert relative_error(loss, ref_loss) <= 1e-5
+    worst = max(jax.tree.leaves(jax.tree.map(relative_error, grads, ref_grads)))
+    assert worst <= 1e-5, worst
+    return mesh, sharded
+
+
 def test_balanced_order():
     order = balanced_order(16, 2)
     np.testing.assert_array_equal(order, [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
@@ -80,17 +96,8 @@ def test_balanced_order():
 
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_sharded_logits_and_gradients_equal_single_device(reference_run, sizes):
-    config, params, batch, ref_loss, ref_grads, ref_logits = reference_run
-    mesh = mesh_lib.make_mesh(**sizes)
-    sharded = jax.device_put(params, mesh_lib.param_shardings(config, mesh))
-    placed = mesh_lib.shard_batch(batch, mesh, SPECS)
-    with jax.set_mesh(mesh):
-        loss_grad = jax.jit(jax.value_and_grad(
-            lambda p, b: batch_loss(p, config, b, context=mesh.shape["context"])[0]))
-        loss, grads = loss_grad(sharded, placed)
-    assert relative_error(loss, ref_loss) <= 1e-5
-    worst = max(jax.tree.leaves(jax.tree.map(relative_error, grads, ref_grads)))
-    assert worst <= 1e-5, worst
+    config, _, batch, _, _, ref_logits = reference_run
+    mesh, sharded = check_sharded_loss_and_grads(reference_run, sizes, batch, SPECS)
     logits = forward(sharded, config, batch["input_ids"], segment_ids=batch["segment_ids"],
                      pixel_values=batch["pixel_values"][:int(np.prod(batch["image_grid_thw"], 1).sum())],
                      image_grid_thw=batch["image_grid_thw"][batch["image_grid_thw"][:, 0] > 0], mesh=mesh)
@@ -101,21 +108,12 @@ def test_sharded_logits_and_gradients_equal_single_device(reference_run, sizes):
 @pytest.mark.parametrize("sizes", MESHES[::2], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_framed_pixels_sharded_equal_flat_single_device(reference_run, sizes):
     """The framed vision layout (one frame per row, frames split over the mesh) gives the flat run's loss and grads."""
-    config, params, batch, ref_loss, ref_grads, _ = reference_run
+    batch = reference_run[2]
     grid = batch["image_grid_thw"]
     frames = pow2(int(grid[:, 0].sum()))
     assert frames % 4 == 0  # split over data x context or fsdp
     framed = {**batch, "pixel_values": frame_pixels(batch["pixel_values"], grid, frames, 16)}
-    mesh = mesh_lib.make_mesh(**sizes)
-    sharded = jax.device_put(params, mesh_lib.param_shardings(config, mesh))
-    placed = mesh_lib.shard_batch(framed, mesh, {**SPECS, "pixel_values": ("patches", None, None)})
-    with jax.set_mesh(mesh):
-        loss_grad = jax.jit(jax.value_and_grad(
-            lambda p, b: batch_loss(p, config, b, context=mesh.shape["context"])[0]))
-        loss, grads = loss_grad(sharded, placed)
-    assert relative_error(loss, ref_loss) <= 1e-5
-    worst = max(jax.tree.leaves(jax.tree.map(relative_error, grads, ref_grads)))
-    assert worst <= 1e-5, worst
+    check_sharded_loss_and_grads(reference_run, sizes, framed, {**SPECS, "pixel_values": ("patches", None, None)})
 
 
 def test_params_are_split_over_tensor_and_fsdp(tiny_pair):

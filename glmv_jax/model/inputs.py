@@ -85,7 +85,7 @@ def pad_visual(pixels, grid: np.ndarray | None, vision: VisionConfig):
     """Visual inputs in the cheaper of the vision tower's two layouts, padded to shape buckets.
 
     Returns (pixels, grid): grid rows padded to a power of two (zero rows); pixels either framed
-    (F, W, patch_dim), one frame pair per row, F a power of two and W a bucket of the largest frame,
+    (F, W, patch_dim), one frame pair per row, F and W powers of two (W >= 16, the largest frame),
     or flat (N, patch_dim), N a bucket of the patch count (always for a single frame). Framed is taken
     when it saves cross-image attention scores without padding many more patches: a layout's estimated
     cost is rows x (A + keys per query), A = 2 * hidden + 1.5 * intermediate being a patch's dense-layer
@@ -99,7 +99,7 @@ def pad_visual(pixels, grid: np.ndarray | None, vision: VisionConfig):
     sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])  # patches per frame pair, in order
     rows = int(sizes.sum())
     flat = round_up(bucket(rows), unit)
-    frames, width = pow2(len(sizes)), round_up(bucket(int(sizes.max()), minimum=16), unit)
+    frames, width = pow2(len(sizes)), round_up(pow2(max(int(sizes.max()), 16)), unit)
     grid = np.concatenate([grid, np.zeros((pow2(len(grid)) - len(grid), 3), np.int32)])
     per_patch = 2 * vision.hidden_size + 1.5 * vision.intermediate_size
     if len(sizes) > 1 and frames * width * (per_patch + width) < flat * (per_patch + flat):
