@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile train   [--config small] [--batch 4] [--dtype float32] [--top 20]
     python -m benchmarks.profile prefill [--batch 1]
-    python -m benchmarks.profile decode  [--batch 1] [--new-tokens 32]
+    python -m benchmarks.profile decode  [--batch 1] [--new-tokens 128]
 
 Random `small` weights (no transformers needed), the same inputs as `glmv bench` (one 448x448 image and 256
 text tokens per row). The program is compiled and warmed up, then run `--runs` times inside
@@ -104,7 +104,7 @@ def _program(section: str, config, params, batch: int, new_tokens: int):
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.bench import Bench, Settings, train_inputs
+    from benchmarks.bench import Bench, Settings, _patched, _sample_kwargs, train_inputs
     from benchmarks.common import image_prompt
     from glmv_jax.generate import sampler
 
@@ -116,13 +116,25 @@ def _program(section: str, config, params, batch: int, new_tokens: int):
         tx = make_optimizer(OptimizerConfig(learning_rate=1e-5, warmup_steps=1, total_steps=1000), params)
         step = jax.jit(functools.partial(train_step, config=config, tx=tx))  # not donated: called repeatedly
         return step, (init_state(params, tx), {k: jnp.asarray(v) for k, v in train_inputs(inputs, config).items()})
+    bench = Bench.__new__(Bench)
+    bench.s, bench.config, bench.params = Settings(), config, params
+    args, kwargs = bench.prefill_args(inputs, new_tokens)
     if section == "prefill":
-        bench = Bench.__new__(Bench)
-        bench.s, bench.config, bench.params = Settings(), config, params
-        args, kwargs = bench.prefill_args(inputs, new_tokens)
-        fn = jax.jit(lambda *a: sampler.prefill(*a, **kwargs))
-        return fn, args
-    raise SystemExit(f"unknown section {section!r}")
+        return jax.jit(lambda *a: sampler.prefill(*a, **kwargs)), args
+    # decode: `new_tokens` greedy steps from the prefilled prompt, without stop ids (the state as `sample` builds it)
+    captured = {}
+
+    def capture(original):
+        def wrapper(params, config, state, **kw):
+            captured["state"] = jax.tree.map(jnp.copy, state)
+            return original(params, config, state, **kw)
+        return wrapper
+
+    sampling = sampler.SamplingConfig(new_tokens, pad_id=0)
+    with _patched(sampler, "decode", capture):
+        sampler.sample(params, config, inputs["input_ids"], sampling=sampling, **_sample_kwargs(inputs))
+    fn = jax.jit(lambda p, st: sampler.decode(p, config, st, sampling=sampling, steps=new_tokens))
+    return fn, (params, captured["state"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     from glmv_jax.model.glmv import init_params
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=("train", "prefill"))
+    p.add_argument("section", choices=("train", "prefill", "decode"))
     p.add_argument("--config", default="small")
-    p.add_argument("--batch", type=int, default=None, help="default: 4 for train, 1 for prefill")
+    p.add_argument("--batch", type=int, default=None, help="default: 4 for train, 1 otherwise")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--top", type=int, default=20)
