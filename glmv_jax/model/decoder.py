@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from glmv_jax.config import TextConfig
 from glmv_jax.model import rope
-from glmv_jax.model.layers import DEFAULT_INIT, RMSNorm, attention, dense
+from glmv_jax.model.layers import DEFAULT_INIT, RMSNorm, attention, cached_attention, dense
 from glmv_jax.parallel.context import in_mesh, sharded_attention
 from glmv_jax.parallel.mesh import constrain
 
@@ -30,8 +30,10 @@ class DecoderLayer(nn.Module):
 
     x (B, T, hidden); cos, sin (B, T, rotary_dim); segment (B, T) (0 = padding); index (B, T) causal order.
     Without `kv`, attends to its own keys and returns them: (x, (k, v)) with k, v (B, T, K, D).
-    With `kv` = (k, v) caches (B, S, K, D), writes this step's keys at `kv_meta["write_pos"]`, attends
-    to the whole cache (valid slots: `kv_meta["segment"]` (B, S) != 0) and returns the updated caches.
+    With `kv` = this layer's (k, v) caches (B, S, K, D) and one new token (T = 1), attends to the cache's
+    valid slots (`kv_meta["segment"]` (B, S) != 0, except `kv_meta["write_pos"]`, the new token's slot)
+    and to the new key, and returns only the new (k, v) (B, 1, K, D): `Decoder.hidden` writes them into
+    the stacked caches once for all layers (no per-layer copy of a cache).
     """
 
     config: TextConfig
@@ -53,12 +55,9 @@ class DecoderLayer(nn.Module):
         if kv is None:
             out = attend(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
         else:
-            at = (0, kv_meta["write_pos"], 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
-            slots = jnp.broadcast_to(jnp.arange(k.shape[1]), kv_meta["segment"].shape)
-            out = attend(q, k, v, q_segment=segment, kv_segment=kv_meta["segment"], q_index=index, kv_index=slots,
-                         seq_axes=(), gather_kv=False)
+            k, v = k.astype(kv[0].dtype), v.astype(kv[1].dtype)
+            valid = (kv_meta["segment"] != 0) & (jnp.arange(kv[0].shape[1]) != kv_meta["write_pos"])
+            out = cached_attention(q, kv[0], kv[1], valid, k, v)
         y = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="o", in_dims=2,
                   param_dtype=pd)(out)
         x = x + norm("post_attn_norm")(y)
@@ -101,8 +100,12 @@ class Decoder(nn.Module):
     def hidden(self, x, position_ids, segment, index, kv=None, kv_meta=None):
         """x (B, T, hidden), position_ids (3, B, T) -> (final-norm hidden (B, T, hidden), (k, v) (L, B, S, K, D))."""
         cos, sin = rope.text_cos_sin(position_ids, self.config, x.dtype)
-        x, kv = self.layers(x, cos, sin, segment, index, kv, kv_meta)
-        return self.norm(x), kv
+        if kv is None:
+            x, kv = self.layers(x, cos, sin, segment, index, None, None)
+            return self.norm(x), kv
+        x, new = self.layers(x, cos, sin, segment, index, kv, kv_meta)  # new: (L, B, 1, K, D)
+        at = (0, 0, kv_meta["write_pos"], 0, 0)
+        return self.norm(x), tuple(jax.lax.dynamic_update_slice(c, n, at) for c, n in zip(kv, new))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """(..., hidden) -> (..., vocab) in the parameters' dtype."""

@@ -188,3 +188,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
     grouped = q.reshape(b, t, k.shape[2], h // k.shape[2], d)  # query head i uses K/V head i // (H / K)
     out = _segment_attention(grouped, k, v, q_segment, kv_segment, q_index, kv_index, chunk)
     return out.reshape(b, t, h, d)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array,
+                     k_new: jax.Array, v_new: jax.Array) -> jax.Array:
+    """One decode step: q (B, 1, H, D) attends to the valid slots of a K/V cache (B, S, K, D) (cache_valid
+    (B, S) bool) and to its own new key and value (B, 1, K, D), which need not be in the cache yet (one
+    softmax over both). Scores and softmax in float32; returns (B, 1, H, D) in q's dtype."""
+    b, t, h, d = q.shape
+    kv_heads = k_cache.shape[2]
+    grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scale = d ** -0.5
+    old = jnp.einsum("btkgd,bskd->bkgts", grouped, k_cache, preferred_element_type=jnp.float32) * scale
+    old = jnp.where(cache_valid[:, None, None, None, :], old, -jnp.inf)
+    new = jnp.einsum("btkgd,btkd->bkgt", grouped, k_new, preferred_element_type=jnp.float32)[..., None] * scale
+    top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), new)
+    p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
+    inverse = 1.0 / (jnp.sum(p_old, axis=-1, keepdims=True) + p_new)
+    out = jnp.einsum("bkgts,bskd->btkgd", (p_old * inverse).astype(v_cache.dtype), v_cache,
+                     preferred_element_type=jnp.float32)
+    out = out + jnp.moveaxis((p_new * inverse)[..., 0], 3, 1)[..., None] * v_new[:, :, :, None, :]
+    return out.reshape(b, t, h, d).astype(q.dtype)
