@@ -120,7 +120,7 @@ def _program(section: str, config, params, batch: int, new_tokens: int):
     bench.s, bench.config, bench.params = Settings(), config, params
     args, kwargs = bench.prefill_args(inputs, new_tokens)
     if section == "prefill":
-        return jax.jit(lambda *a: sampler.prefill(*a, **kwargs)), args
+        return jax.jit(lambda p, *rest: sampler.prefill(p, config, *rest, **kwargs)), (args[0], *args[2:])
     # decode: `new_tokens` greedy steps from the prefilled prompt, without stop ids (the state as `sample` builds it)
     captured = {}
 

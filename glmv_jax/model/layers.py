@@ -69,33 +69,35 @@ def _allowed(q_segment, kv_segment, q_index, kv_index):
 
 
 def _scores(q, k, allowed):
-    """Scaled scores (B, K, G, T, S) in float32, -inf where a key is not allowed."""
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    """Scores (B, K, G, T, S) in float32, -inf where a key is not allowed; q comes pre-scaled by 1/sqrt(D)."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     return jnp.where(allowed[:, None, None], s, -jnp.inf)
 
 
 def _chunk_forward(q, k, v, allowed):
-    """One query chunk: output (B, T, K, G, D) in q's dtype and the log-sum-exp (B, T, K, G), +inf for a
-    query that sees no key (its output is 0)."""
+    """One query chunk (q pre-scaled): output (B, T, K, G, D) in q's dtype and the log-sum-exp (B, T, K, G),
+    +inf for a query that sees no key (its output is 0). The normalisation is applied to the (T, D) output,
+    not to the (T, S) probabilities: one pass less over the scores."""
     s = _scores(q, k, allowed)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
-    total = jnp.sum(p, axis=-1, keepdims=True)
-    p = p * jnp.where(total > 0, 1.0 / total, 0.0)
+    total = jnp.sum(p, axis=-1)
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    lse = jnp.where(total > 0, m + jnp.log(total), jnp.inf)[..., 0]
+    out = out * jnp.moveaxis(jnp.where(total > 0, 1.0 / total, 0.0), 3, 1)[..., None]
+    lse = jnp.where(total > 0, m[..., 0] + jnp.log(total), jnp.inf)
     return out.astype(q.dtype), jnp.moveaxis(lse, 3, 1)
 
 
 def _chunk_backward(q, k, v, allowed, out, d_out, lse):
-    """Gradients of one query chunk (dq, dk, dv in float32), flash-attention style: probabilities from
-    the saved log-sum-exp, and the softmax Jacobian through rowsum(dO * O) instead of a sum over keys."""
+    """Gradients of one query chunk (q pre-scaled; dq w.r.t. that q, dk, dv in float32), flash-attention
+    style: probabilities from the saved log-sum-exp, and the softmax Jacobian through rowsum(dO * O)
+    instead of a sum over keys."""
     p = jnp.exp(_scores(q, k, allowed) - jnp.moveaxis(lse, 1, 3)[..., None])
     dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
     dp = jnp.einsum("btkgd,bskd->bkgts", d_out, v, preferred_element_type=jnp.float32)
     row = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    ds = (p * (dp - row[..., None]) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    ds = (p * (dp - row[..., None])).astype(q.dtype)
     dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32)
     return dq, dk, dv
@@ -186,6 +188,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
         kv_index = jnp.zeros(kv_segment.shape, jnp.int32)
 
     grouped = q.reshape(b, t, k.shape[2], h // k.shape[2], d)  # query head i uses K/V head i // (H / K)
+    grouped = (grouped.astype(jnp.float32) * d ** -0.5).astype(q.dtype)  # scale the queries, not T x S scores
     out = _segment_attention(grouped, k, v, q_segment, kv_segment, q_index, kv_index, chunk)
     return out.reshape(b, t, h, d)
 
