@@ -27,6 +27,7 @@ STAGES = (("pretrain", "pretraining", "demo_pretrain.yaml"), ("sft", "SFT", "dem
           ("rl", "RL", "demo_rl.yaml"))
 EVAL_FILE = "demo_eval.json"
 N_EXAMPLES = 3
+SAMPLES = 4  # answers per held-out prompt in the sampled evaluation (at the RL temperature)
 
 # Smoke-sized overrides (tests): a few steps of each stage, a handful of prompts, short answers.
 _SMALL = ["data.min_pixels=1568", "data.max_pixels=6272"]   # 28..56 px images in the smoke run
@@ -100,7 +101,8 @@ def evaluate_stage(folder: Path, rl_cfg, examples: list[dict]) -> dict:
     cache = folder / EVAL_FILE
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("n_prompts") == len(examples) and saved.get("step") == _final_step(folder):
+        if (saved.get("n_prompts") == len(examples) and saved.get("step") == _final_step(folder)
+                and "sampled_reward" in saved.get("scores", {})):
             return saved
     from glmv_jax.data.processor import ImageProcessor
     from glmv_jax.rl import rewards, rlcs
@@ -112,6 +114,8 @@ def evaluate_stage(folder: Path, rl_cfg, examples: list[dict]) -> dict:
                                merge_size=v.spatial_merge_size)
     prompts = rlcs.make_prompts(examples, tokenizer, processor, tokenizer.eos_ids[0])
     scores = rlcs.evaluate(params, model, prompts, rl_cfg.rl, tokenizer)
+    sampled = rlcs.evaluate(params, model, prompts, rl_cfg.rl, tokenizer, samples=SAMPLES)
+    scores.update({"sampled_reward": sampled["reward"], "sampled_format_ok": sampled["format_ok"]})
     index = list(range(min(N_EXAMPLES, len(examples))))
     out = rlcs.rollout(params, model, prompts, index, rlcs.sampling_config(rl_cfg.rl, tokenizer, greedy=True), seed=0)
     texts = rlcs.responses(out["tokens"], out["lengths"], tokenizer)
@@ -233,16 +237,18 @@ def _domains(evals: dict[str, dict]) -> list[str]:
 
 
 def table(evals: dict[str, dict]) -> str:
-    """The markdown table: a row per stage; overall, each domain and format_ok."""
+    """The markdown table: a row per stage; overall, each domain and format_ok (greedy), then the sampled
+    evaluation's mean reward and format_ok."""
     domains = _domains(evals)
-    head = ["stage", "overall", *domains, "format_ok"]
+    head = ["stage", "overall", *domains, "format_ok", "sampled reward", "sampled format_ok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, label, _ in STAGES:
         if name not in evals:
             continue
         s = evals[name]["scores"]
         cells = [f"after {label}", f"{s['reward']:.3f}", *(f"{s.get(f'reward/{d}', float('nan')):.3f}" for d in domains),
-                 f"{s['format_ok']:.3f}"]
+                 f"{s['format_ok']:.3f}", f"{s.get('sampled_reward', float('nan')):.3f}",
+                 f"{s.get('sampled_format_ok', float('nan')):.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -262,7 +268,9 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
               f"domains round robin) after every stage, greedy, at most {rl_cfg.rl.max_new_tokens} new tokens "
               f"(thinking budget {rl_cfg.rl.thinking_budget}). Accuracy = mean reward (in [0, 1]; OCR gets partial "
               "credit by edit distance); format_ok = share of answers in the "
-              "`<think>…</think><answer>…</answer>` format with one box.", "",
+              "`<think>…</think><answer>…</answer>` format with one box. The sampled columns: "
+              f"{SAMPLES} answers per prompt sampled as in RL (temperature {rl_cfg.rl.temperature}), mean reward "
+              "and share well formed.", "",
               "## Accuracy by domain", "", table(evals), ""]
     lines += ["## Stages", "", "| stage | config | folder | steps | wall time |", "|---|---|---|---:|---:|"]
     for name, label, config in STAGES:
@@ -343,7 +351,8 @@ def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
         evals[name] = evaluate_stage(folder, configs["rl"], examples)
         t2 = time.perf_counter()
         s = evals[name]["scores"]
-        _say(f"glmv demo: after {label}: reward {s['reward']:.3f}, format_ok {s['format_ok']:.3f} "
+        _say(f"glmv demo: after {label}: reward {s['reward']:.3f}, format_ok {s['format_ok']:.3f}, "
+             f"sampled reward {s['sampled_reward']:.3f} "
              f"({', '.join(f'{key[7:]} {v:.3f}' for key, v in s.items() if key.startswith('reward/'))}) "
              f"[eval {t2 - t1:.0f}s; elapsed {t2 - started:.0f}s]")
         timings[name] = {"train_s": t1 - t0, "eval_s": t2 - t1, "reused": reused}

@@ -64,3 +64,15 @@ def test_first_update_is_on_policy(setup):
     _, metrics = rlcs.make_policy_step(config, tx, cfg)(init_state(params, tx), batch)
     assert abs(float(metrics["ratio"]) - 1.0) < 1e-4
     assert float(metrics["clip_fraction"]) == 0.0
+
+
+def test_synthetic_pool_is_lazy_and_round_robin():
+    from glmv_jax.data import synthetic
+    from glmv_jax.rl.loop import SyntheticPool
+
+    pool = SyntheticPool(1 << 16, seed=5)
+    assert len(pool) == 65536 and pool.domains()[:5] == [*synthetic.DOMAINS, synthetic.DOMAINS[0]]
+    assert pool[65535]["id"] == synthetic.example_at(65535, seed=5)["id"]
+    assert pool[6]["domain"] == synthetic.DOMAINS[6 % 4]
+    with pytest.raises(KeyError):
+        pool[65536]

@@ -36,6 +36,24 @@ from glmv_jax.train.steps import init_state, state_shardings
 CURRICULUM_FILE = "curriculum.json"
 
 
+class SyntheticPool:
+    """The RL prompt pool: synthetic examples 0..n-1 of `seed`, drawn when asked for (a large pool costs no memory)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.n:
+            raise KeyError(index)
+        return synthetic.example_at(int(index), seed=self.seed)
+
+    def domains(self) -> list[str]:
+        return [synthetic.DOMAINS[i % len(synthetic.DOMAINS)] for i in range(self.n)]
+
+
 def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: rlcs.RLConfig, tokenizer, k: int,
                        batch: int = 64) -> list[float]:
     """Share of k sampled answers with reward > 0.5, per prompt (the curriculum's offline pass@k)."""
@@ -102,16 +120,19 @@ def train_rl(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     step_fn = rlcs.make_policy_step(model, tx, rl, compute_dtype)
 
     # ------------------------------------------------------------------- prompt pool, held-out prompts
-    pool = {i: synthetic.example_at(i, seed=cfg.data.seed) for i in range(rl.prompt_pool)}
+    pool = SyntheticPool(rl.prompt_pool, cfg.data.seed)
     held_out = [synthetic.example_at(i, seed=cfg.data.seed + 10_000) for i in range(rl.eval_prompts)]
     eval_prompts = rlcs.make_prompts(held_out, tokenizer, processor, tokenizer.eos_ids[0])
     rewards.warmup()
     writer = MetricsWriter(workdir, resume_step=int(state["step"]))
     if curriculum is None:
-        pool_prompts = rlcs.make_prompts(list(pool.values()), tokenizer, processor, tokenizer.eos_ids[0])
-        rates = offline_pass_rates(state["params"], model, pool_prompts, rl, tokenizer, k=rl.offline_k)
-        curriculum = Curriculum.from_pass_at_k(list(pool), [ex["domain"] for ex in pool.values()], rates,
-                                               k=rl.offline_k)
+        if rl.offline_k:
+            pool_prompts = rlcs.make_prompts([pool[i] for i in range(len(pool))], tokenizer, processor,
+                                             tokenizer.eos_ids[0])
+            rates = offline_pass_rates(state["params"], model, pool_prompts, rl, tokenizer, k=rl.offline_k)
+        else:  # no offline pass: every example starts at Beta(1, 1) (medium) and is placed by its rollouts
+            rates = [0.5] * len(pool)
+        curriculum = Curriculum.from_pass_at_k(list(range(len(pool))), pool.domains(), rates, k=rl.offline_k)
         before = rlcs.evaluate(state["params"], model, eval_prompts, rl, tokenizer)
         writer.write({"step": 0, **{f"eval_{k}": v for k, v in before.items()},
                       "offline_pass_rate": float(np.mean(rates))})

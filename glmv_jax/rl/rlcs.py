@@ -135,13 +135,16 @@ def group_advantages(rewards_: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return np.where(std > 0, (rewards_ - mean) / (std + eps), 0.0)
 
 
-def evaluate(params, config: GlmvConfig, prompts: Prompts, cfg: RLConfig, tokenizer, batch: int = 32) -> dict:
-    """Greedy rollouts on held-out prompts: mean reward overall, by domain, and the share well formatted."""
-    sampling = sampling_config(cfg, tokenizer, greedy=True)
+def evaluate(params, config: GlmvConfig, prompts: Prompts, cfg: RLConfig, tokenizer, batch: int = 32,
+             samples: int = 0) -> dict:
+    """Rollouts on held-out prompts: mean reward overall, by domain, and the share well formatted. Greedy by
+    default; with `samples` > 0, that many answers per prompt sampled as in training (cfg's temperature)."""
+    sampling = sampling_config(cfg, tokenizer, greedy=not samples)
+    rows = np.repeat(np.arange(len(prompts.examples)), max(samples, 1))
     scores = []
-    for start in range(0, len(prompts.examples), batch):
-        index = list(range(start, min(start + batch, len(prompts.examples))))
-        out = rollout(params, config, prompts, index, sampling, seed=0)
+    for start in range(0, len(rows), batch):
+        index = rows[start:start + batch]
+        out = rollout(params, config, prompts, index, sampling, seed=start)
         texts = responses(out["tokens"], out["lengths"], tokenizer)
         scores += rewards.score_batch([prompts.examples[i] for i in index], texts)
     by_domain = defaultdict(list)
@@ -205,7 +208,7 @@ def make_policy_step(config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None):
 
 
 def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculum: Curriculum,
-              pool: dict[Any, dict], tokenizer, processor: ImageProcessor, rng: np.random.Generator,
+              pool, tokenizer, processor: ImageProcessor, rng: np.random.Generator,
               seed: int) -> tuple[dict, dict]:
     """One RLCS iteration; returns (new train state, metrics)."""
     t0 = time.perf_counter()
