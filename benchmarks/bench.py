@@ -229,6 +229,14 @@ class Bench:
         return {"name": f"{name} {SHORT[self.dtype]}", "section": section, "dtype": self.dtype, "batch": batch,
                 "unit": unit, "ours": ours, "theirs": theirs, "ratio": ours / theirs, **extra}
 
+    def _flops_row(self, name, section, batch, t, flops, *, compiled, compile_s, first_call_s, rss, **extra) -> dict:
+        """A row timed in seconds and rated in FLOPs against the matmul peak, with compile and memory figures."""
+        return self._row(name, section, batch, "s", t["ours"], t["theirs"], flops=flops,
+                         utilisation=flops / t["ours"] / self.peak, utilisation_of="matmul peak",
+                         theirs_utilisation=flops / t["theirs"] / self.peak, compile_s=compile_s,
+                         first_call_s=first_call_s, peak_bytes_ours=_memory_bytes(compiled),
+                         peak_bytes_theirs=self.hf_param_bytes + rss.growth, **extra)
+
     def _patches(self, inputs) -> int:
         return int(inputs["pixel_values"].shape[0] // inputs["input_ids"].shape[0])
 
@@ -279,13 +287,10 @@ class Bench:
                                  "theirs": theirs}, self.s.repeats)
         seq, padded = inputs["input_ids"].shape[1], args[2].shape[1]
         flops = prefill_flops(self.config, batch, seq, self._patches(inputs))
-        return self._row(f"prefill b={batch}", "prefill", batch, "s", t["ours"], t["theirs"],
-                         flops=flops, utilisation=flops / t["ours"] / self.peak, utilisation_of="matmul peak",
-                         theirs_utilisation=flops / t["theirs"] / self.peak,
-                         compile_s=compile_s, first_call_s=first_call_s, peak_bytes_ours=_memory_bytes(compiled),
-                         peak_bytes_theirs=self.hf_param_bytes + rss.growth,
-                         note=f"{seq} prompt tokens ({padded} after our bucketing); theirs computes all "
-                              f"{seq} tokens' logits, ours the last one's")
+        return self._flops_row(f"prefill b={batch}", "prefill", batch, t, flops, compiled=compiled,
+                               compile_s=compile_s, first_call_s=first_call_s, rss=rss,
+                                     note=f"{seq} prompt tokens ({padded} after our bucketing); theirs computes all "
+                                    f"{seq} tokens' logits, ours the last one's")
 
     # ---- training
     def train_batch(self, batch: int) -> dict:
@@ -339,14 +344,11 @@ class Bench:
         del model, optimizer, holder
         seq = inputs["input_ids"].shape[1]
         flops = train_flops(self.config, batch, seq, self._patches(inputs))
-        return self._row(f"train step b={batch}", "train", batch, "s", t["ours"], t["theirs"],
-                         flops=flops, utilisation=flops / t["ours"] / self.peak, utilisation_of="matmul peak",
-                         theirs_utilisation=flops / t["theirs"] / self.peak,
-                         compile_s=compile_s, first_call_s=first_call_s, peak_bytes_ours=_memory_bytes(compiled),
-                         peak_bytes_theirs=self.hf_param_bytes + rss.growth,
-                         first_loss={"ours": ours_loss, "theirs": their_loss},
-                         note=f"{seq} tokens per row, AdamW + clip; theirs' peak includes grads and AdamW state "
-                              f"allocated on the warm-up step")
+        return self._flops_row(f"train step b={batch}", "train", batch, t, flops, compiled=compiled,
+                               compile_s=compile_s, first_call_s=first_call_s, rss=rss,
+                               first_loss={"ours": ours_loss, "theirs": their_loss},
+                               note=f"{seq} tokens per row, AdamW + clip; theirs' peak includes grads and AdamW "
+                                    f"state allocated on the warm-up step")
 
     # ---- decode
     def decode(self, batch: int) -> dict:

@@ -104,14 +104,11 @@ def evaluate_stage(folder: Path, rl_cfg, examples: list[dict]) -> dict:
         if (saved.get("n_prompts") == len(examples) and saved.get("step") == _final_step(folder)
                 and "sampled_reward" in saved.get("scores", {})):
             return saved
-    from glmv_jax.data.processor import ImageProcessor
     from glmv_jax.rl import rewards, rlcs
+    from glmv_jax.train.loop import image_processor
 
     model, params, tokenizer = _load_model(folder)
-    v = model.vision
-    processor = ImageProcessor(min_pixels=rl_cfg.data.min_pixels, max_pixels=rl_cfg.data.max_pixels,
-                               patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                               merge_size=v.spatial_merge_size)
+    processor = image_processor(rl_cfg.data, model.vision)
     prompts = rlcs.make_prompts(examples, tokenizer, processor, tokenizer.eos_ids[0])
     scores = rlcs.evaluate(params, model, prompts, rl_cfg.rl, tokenizer)
     sampled = rlcs.evaluate(params, model, prompts, rl_cfg.rl, tokenizer, samples=SAMPLES)

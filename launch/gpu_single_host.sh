@@ -7,13 +7,9 @@
 # XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.90), INSTALL=1 to install `jax[cuda12]` into .venv first.
 # XLA flags for latency-hiding collective scheduling are set; edit XLA_FLAGS to add your own.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-run() { if (( dry_run )); then printf '%q' "$1"; printf ' %q' "${@:2}"; echo; else "$@"; fi; }
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
-if [[ $# -lt 2 ]]; then echo "usage: $0 [--dry-run] CONFIG WORKDIR [key=value ...]" >&2; exit 2; fi
+source "$(dirname "$0")/common.sh"  # cd to the repo; dry_run, config, workdir, run
+shift 2
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
-config=$1 workdir=$2; shift 2
 if [[ "${INSTALL:-0}" == 1 ]]; then
   run make install
   run .venv/bin/pip install -q 'jax[cuda12]'

@@ -9,16 +9,12 @@
 # BRANCH (default main). WORKDIR should be a gs:// path or a disk every host shares.
 # --dry-run prints every command instead of running it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-run() { if (( dry_run )); then printf '%q' "$1"; printf ' %q' "${@:2}"; echo; else "$@"; fi; }
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
-if [[ $# -lt 2 ]]; then echo "usage: $0 [--dry-run] CONFIG WORKDIR [key=value ...]" >&2; exit 2; fi
+source "$(dirname "$0")/common.sh"  # cd to the repo; dry_run, config, workdir, run
+shift 2
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${PROJECT:?set PROJECT}"
 ACCELERATOR=${ACCELERATOR:-v5p-32}
 RUNTIME=${RUNTIME:-v2-alpha-tpuv5}
 BRANCH=${BRANCH:-main}
-config=$1 workdir=$2; shift 2
 gcloud_tpu=(gcloud compute tpus tpu-vm --project "$PROJECT" --zone "$ZONE")
 
 if (( dry_run )) || ! "${gcloud_tpu[@]}" describe "$TPU_NAME" >/dev/null 2>&1; then

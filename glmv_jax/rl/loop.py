@@ -6,7 +6,6 @@ metrics, evaluation and checkpoints. Runs on one device (the sampler takes no me
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -21,17 +20,15 @@ import numpy as np
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.config import to_hf_dict
 from glmv_jax.data import synthetic
-from glmv_jax.data.processor import ImageProcessor
-from glmv_jax.model.glmv import init_params
 from glmv_jax.parallel import mesh as mesh_lib
 from glmv_jax.rl import rewards, rlcs
 from glmv_jax.rl.curriculum import Curriculum
 from glmv_jax.train import sources as sources_lib
 from glmv_jax.train.config import TrainConfig, check_model_tokenizer, model_for_tokenizer
-from glmv_jax.train.loop import _load_init_params, init_sharded_params
+from glmv_jax.train.loop import (_load_init_params, compute_dtype_of, image_processor, init_sharded_params,
+                                  state_layout)
 from glmv_jax.train.metrics import MetricsWriter, Progress
-from glmv_jax.train.optimizer import make_optimizer
-from glmv_jax.train.steps import init_state, state_shardings
+from glmv_jax.train.steps import init_state
 
 CURRICULUM_FILE = "curriculum.json"
 
@@ -91,33 +88,23 @@ def train_rl(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if trained_here or cfg.data.tokenizer == "synthetic":
         model = model_for_tokenizer(model, tokenizer)
     check_model_tokenizer(model, tokenizer)
-    v = model.vision
-    processor = ImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                               patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                               merge_size=v.spatial_merge_size)
+    processor = image_processor(cfg.data, model.vision)
 
     # ------------------------------------------------------------------------------- params and state
-    param_shardings = mesh_lib.param_shardings(model, mesh)
-    abstract_params = jax.eval_shape(functools.partial(init_params, model, cfg.train.seed))
-    tx = make_optimizer(cfg.optimizer, abstract_params)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
-    abstract_state["rng"] = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    shardings = state_shardings(abstract_state, param_shardings, mesh)
+    layout = state_layout(model, cfg, mesh)
     checkpointer = TrainCheckpointer(workdir, keep=cfg.checkpoint.keep)
     if resuming:
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
-        state = checkpointer.restore(target)
+        state = checkpointer.restore(layout.restore_target())
         state.pop("rng")
         curriculum = Curriculum.from_dict(json.loads((workdir / CURRICULUM_FILE).read_text()))
     else:
-        params = (_load_init_params(cfg.train.init_from, model, abstract_params, param_shardings)
-                  if cfg.train.init_from else init_sharded_params(model, cfg.train.seed, param_shardings))
-        state = init_state(params, tx)
+        params = (_load_init_params(cfg.train.init_from, model, layout.abstract_params, layout.param_shardings)
+                  if cfg.train.init_from else init_sharded_params(model, cfg.train.seed, layout.param_shardings))
+        state = init_state(params, layout.tx)
         curriculum = None
     (workdir / "train_config.yaml").write_text(cfg.to_yaml())
     (workdir / "config.json").write_text(json.dumps(to_hf_dict(model), indent=2))
-    compute_dtype = None if cfg.train.compute_dtype == "float32" else jnp.dtype(cfg.train.compute_dtype)
-    step_fn = rlcs.make_policy_step(model, tx, rl, compute_dtype)
+    step_fn = rlcs.make_policy_step(model, layout.tx, rl, compute_dtype_of(cfg))
 
     # ------------------------------------------------------------------- prompt pool, held-out prompts
     pool = SyntheticPool(rl.prompt_pool, cfg.data.seed)

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +90,6 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
     # ------------------------------------------------------------------------------------------- data
     from glmv_jax.data.pipeline import find_stats, make_pipeline, per_host_batch_size
-    from glmv_jax.data.processor import ImageProcessor
-
     v = model.vision
     largest = cfg.data.max_pixels // (v.temporal_patch_size * v.patch_size ** 2)  # patches of the largest image
     frame_patches = cfg.data.frame_patches
@@ -99,9 +97,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"data.frame_patches = {cfg.data.frame_patches} must be a multiple of "
                           f"{v.spatial_merge_size ** 2} and hold the largest image data.max_pixels allows "
                           f"({largest} patches)")
-    processor = ImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                               patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                               merge_size=v.spatial_merge_size)
+    processor = image_processor(cfg.data, v)
     pipeline_args = dict(tokenizer=tokenizer, mode=sources_lib.example_format(cfg.data.mode), seq_len=cfg.data.seq_len,
                          batch_size=per_host_batch_size(cfg.data.batch_size), processor=processor,
                          pack_buffer=cfg.data.pack_buffer, require_image=None)
@@ -114,24 +110,17 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                               frame_patches=frame_patches)
 
     # ----------------------------------------------------------------------- optimizer and sharded state
-    from glmv_jax.model.glmv import init_params
-    from glmv_jax.train.steps import batch_loss, init_state, state_shardings, train_step
+    from glmv_jax.train.steps import batch_loss, init_state, train_step
 
-    param_shardings = mesh_lib.param_shardings(model, mesh)
-    abstract_params = jax.eval_shape(functools.partial(init_params, model, cfg.train.seed))
-    tx = make_optimizer(cfg.optimizer, abstract_params)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
-    abstract_state["rng"] = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    shardings = state_shardings(abstract_state, param_shardings, mesh)
+    layout = state_layout(model, cfg, mesh)
+    param_shardings, tx, shardings = layout.param_shardings, layout.tx, layout.shardings
     replicated = NamedSharding(mesh, P())
     step_shardings = {k: shardings[k] for k in ("step", "params", "opt_state")}
 
     # ------------------------------------------------------------ restore, or init (from scratch / init_from)
     checkpointer = TrainCheckpointer(workdir, keep=cfg.checkpoint.keep)
     if resuming:
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              abstract_state, shardings)
-        restored = checkpointer.restore(target, data_iterator=train_iter)
+        restored = checkpointer.restore(layout.restore_target(), data_iterator=train_iter)
         rng = restored.pop("rng")
         state = restored
         print(f"glmv train: resumed from {checkpointer.directory}/{checkpointer.latest_step()} "
@@ -140,7 +129,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
         rng = jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.train.seed), 1)),
                              replicated)
         if init_from:
-            params = _load_init_params(init_from, model, abstract_params, param_shardings)
+            params = _load_init_params(init_from, model, layout.abstract_params, param_shardings)
             print(f"glmv train: params from {init_from}", file=sys.stderr)
         else:
             params = init_sharded_params(model, cfg.train.seed, param_shardings)
@@ -150,7 +139,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     (workdir / "config.json").write_text(json.dumps(to_hf_dict(model), indent=2))
 
     # ------------------------------------------------------------------------------ the compiled steps
-    compute_dtype = None if cfg.train.compute_dtype == "float32" else jnp.dtype(cfg.train.compute_dtype)
+    compute_dtype = compute_dtype_of(cfg)
     batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(s)) for k, s in BATCH_SPECS.items()}
     train_fn = jax.jit(
         functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
@@ -246,6 +235,48 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+class StateLayout(NamedTuple):
+    """What a run's train state looks like before any array exists: shapes, shardings and the optimizer."""
+
+    param_shardings: Any
+    abstract_params: Any
+    tx: Any
+    abstract_state: Any      # {step, params, opt_state, rng} as ShapeDtypeStructs
+    shardings: Any
+
+    def restore_target(self):
+        """The abstract state with its shardings, as `TrainCheckpointer.restore` takes it."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.abstract_state, self.shardings)
+
+
+def state_layout(model: GlmvConfig, cfg: TrainConfig, mesh) -> StateLayout:
+    """The train state of `model` under `cfg.optimizer` on `mesh` (shared by `glmv train` and RLCS)."""
+    from glmv_jax.model.glmv import init_params
+    from glmv_jax.train.steps import init_state, state_shardings
+
+    param_shardings = mesh_lib.param_shardings(model, mesh)
+    abstract_params = jax.eval_shape(functools.partial(init_params, model, cfg.train.seed))
+    tx = make_optimizer(cfg.optimizer, abstract_params)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
+    abstract_state["rng"] = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return StateLayout(param_shardings, abstract_params, tx, abstract_state,
+                       state_shardings(abstract_state, param_shardings, mesh))
+
+
+def image_processor(data, vision):
+    """The ImageProcessor of a run: `data` config's pixel limits, the vision tower's patch sizes."""
+    from glmv_jax.data.processor import ImageProcessor
+
+    return ImageProcessor(min_pixels=data.min_pixels, max_pixels=data.max_pixels, patch_size=vision.patch_size,
+                          temporal_patch_size=vision.temporal_patch_size, merge_size=vision.spatial_merge_size)
+
+
+def compute_dtype_of(cfg: TrainConfig):
+    """`train.compute_dtype` as a dtype, None for float32 (compute in the params' dtype)."""
+    return None if cfg.train.compute_dtype == "float32" else jnp.dtype(cfg.train.compute_dtype)
+
+
 def init_sharded_params(model: GlmvConfig, seed: int, param_shardings):
     """Random params created in place on the mesh (one program, whatever the optimizer)."""
     from glmv_jax.model.glmv import init_params
