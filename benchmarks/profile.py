@@ -124,16 +124,16 @@ def _program(section: str, config, params, batch: int, new_tokens: int):
     captured = {}
 
     def capture(original):
-        def wrapper(params, config, state, **kw):
-            captured["state"] = jax.tree.map(jnp.copy, state)
-            return original(params, config, state, **kw)
+        def wrapper(params, layers, config, state, **kw):
+            captured["layers"], captured["state"] = layers, jax.tree.map(jnp.copy, state)
+            return original(params, layers, config, state, **kw)
         return wrapper
 
     sampling = sampler.SamplingConfig(new_tokens, pad_id=0)
     with _patched(sampler, "decode", capture):
         sampler.sample(params, config, inputs["input_ids"], sampling=sampling, **_sample_kwargs(inputs))
-    fn = jax.jit(lambda p, st: sampler.decode(p, config, st, sampling=sampling, steps=new_tokens))
-    return fn, (params, captured["state"])
+    fn = jax.jit(lambda p, layers, st: sampler.decode(p, layers, config, st, sampling=sampling, steps=new_tokens))
+    return fn, (params, captured["layers"], captured["state"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import torch
 
 from glmv_jax import SamplingConfig, forward, generate, sample
 from glmv_jax.generate import sampler
+from glmv_jax.model.decoder import cache_layout
 from glmv_jax.model.inputs import InputError
 from reference import Prompt, batch, relative_error
 
@@ -78,16 +79,17 @@ def test_decode_makes_no_host_transfer(tiny_pair):
     b, t = 1, 32
     state = {
         "logits": jnp.zeros((b, config.text.vocab_size)),
-        "kv": tuple(jnp.zeros((config.text.num_layers, b, 128, config.text.num_kv_heads, config.text.head_dim))
-                    for _ in range(2)),
+        "kv": tuple(cache_layout(*(jnp.zeros((b, 128, config.text.num_kv_heads, config.text.head_dim)),) * 2)
+                    for _ in range(config.text.num_layers)),
         "rng": jax.random.key(0), "cache_segment": jnp.ones((b, 128), jnp.int32), "write_pos": jnp.int32(t),
         "next_pos": jnp.full((b,), t, jnp.int32), "step": jnp.int32(0), "tokens": jnp.zeros((b, 8), jnp.int32),
         "logprobs": jnp.zeros((b, 8)), "lengths": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
         "think_closed": jnp.zeros((b,), bool), "think_count": jnp.zeros((b,), jnp.int32),
         "force_step": jnp.full((b,), -1, jnp.int32), "forced": jnp.zeros((b,), bool)}
     params = jax.device_put(params)
+    layers = sampler._unstack_layers(params["decoder"])
     with jax.transfer_guard("disallow"):
-        new = sampler.decode(params, config, state, sampling=s, steps=8)
+        new = sampler.decode(params, layers, config, state, sampling=s, steps=8)
         jax.block_until_ready(new)
     assert int(new["step"]) == 8 and out.tokens.shape == (1, 8)
 

@@ -4,6 +4,8 @@ Prompts are left-padded (to a length bucket) so every row writes its next token 
 slot; each row keeps its own 3D rope position (`max prefill position + 1 + k`, as transformers).
 The loop runs wholly on device; `steps_per_call` only sets how often control comes back to the host
 (for streaming), and the decode program compiles once per (batch, cache size, sampling settings).
+A decode step runs the layers unrolled over per-layer weights and per-layer caches
+(`decoder.decode_step`): no step copies a layer's weights or cache out of a stack.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import numpy as np
 from glmv_jax.config import GlmvConfig
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
+from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, unstack_layers
 from glmv_jax.model.glmv import Glmv, params_dtype
 from glmv_jax.shapes import bucket, round_up
 
 NOT_FORCING, FORCE_DONE = -1, -2
+_unstack_layers = jax.jit(unstack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,8 @@ def choose(logits: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("config", "cache_size"))
 def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, position_ids, pixel_values,
             image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int):
-    """Run the prompt (B, T): last-position logits (B, V) float32 and K/V caches (L, B, cache_size, K, D)."""
+    """Run the prompt (B, T): last-position logits (B, V) float32 and, per layer, (k, v) caches of
+    cache_size slots in `decoder.cache_layout` (what `decoder.decode_step` reads and writes)."""
     dtype = params_dtype(params)
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
 
@@ -102,23 +107,17 @@ def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, 
         return model.decoder.logits(h[:, -1]).astype(jnp.float32), kv
 
     logits, (k, v) = Glmv(config, dtype).apply({"params": params}, method=run)
-    pad = [(0, 0), (0, 0), (0, cache_size - input_ids.shape[1]), (0, 0), (0, 0)]
-    return logits, (jnp.pad(k, pad), jnp.pad(v, pad))
+    pad = [(0, 0), (0, cache_size - input_ids.shape[1]), (0, 0), (0, 0)]
+    return logits, tuple(cache_layout(jnp.pad(k[i], pad), jnp.pad(v[i], pad)) for i in range(k.shape[0]))
 
 
-def _feed(params, config: GlmvConfig, token, state):
+def _feed(params, layers, config: GlmvConfig, token, state):
     """One decoder step for `token` (B,) at the cache slot `write_pos`: logits (B, V) float32, new caches."""
-    b = token.shape[0]
     meta = {"write_pos": state["write_pos"], "segment": state["cache_segment"]}
-    positions = jnp.broadcast_to(state["next_pos"][None, :, None], (3, b, 1))
-    index = jnp.full((b, 1), state["write_pos"])
-
-    def run(model: Glmv):
-        h, kv = model.decoder.hidden(model.decoder.embed_tokens(token[:, None]), positions, jnp.ones((b, 1), jnp.int32),
-                                     index, state["kv"], meta)
-        return model.decoder.logits(h[:, 0]).astype(jnp.float32), kv
-
-    return Glmv(config, params_dtype(params)).apply({"params": params}, method=run)
+    positions = jnp.broadcast_to(state["next_pos"][None, :, None], (3, token.shape[0], 1))
+    text = Decoder(config.text, config.tie_word_embeddings, params_dtype(params))
+    logits, kv = decode_step(text, params["decoder"], layers, token, positions, state["kv"], meta)
+    return logits.astype(jnp.float32), kv
 
 
 def _apply_budget(token, state, s: SamplingConfig):
@@ -137,8 +136,10 @@ def _apply_budget(token, state, s: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "steps"), donate_argnames=("state",))
-def decode(params, config: GlmvConfig, state: dict, *, sampling: SamplingConfig, steps: int) -> dict:
-    """Run up to `steps` decode steps on device (fewer if every row stopped); returns the new state."""
+def decode(params, layers, config: GlmvConfig, state: dict, *, sampling: SamplingConfig, steps: int) -> dict:
+    """Run up to `steps` decode steps on device (fewer if every row stopped); returns the new state.
+
+    layers: `unstack_layers(params["decoder"])`, the per-layer weights the unrolled decode step reads."""
     s = sampling
     stop_at = jnp.minimum(state["step"] + steps, s.max_new_tokens)
     eos = jnp.array(s.eos_ids or (-1,), jnp.int32)
@@ -157,7 +158,7 @@ def decode(params, config: GlmvConfig, state: dict, *, sampling: SamplingConfig,
               "lengths": st["lengths"] + ~done,
               "done": done | jnp.isin(token, eos),
               "cache_segment": st["cache_segment"].at[:, st["write_pos"]].set(1)}
-        logits, kv = _feed(params, config, token, st)
+        logits, kv = _feed(params, layers, config, token, st)
         return {**st, "logits": logits, "kv": kv, "step": st["step"] + 1, "write_pos": st["write_pos"] + 1,
                 "next_pos": st["next_pos"] + 1}
 
@@ -210,9 +211,10 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
         "force_step": jnp.full((b,), NOT_FORCING, jnp.int32), "forced": jnp.zeros((b,), bool),
     }
     steps = steps_per_call or n
+    layers = _unstack_layers(params["decoder"])
     while True:
         before = int(state["step"]) if on_tokens else 0
-        state = decode(params, config, state, sampling=sampling, steps=steps)
+        state = decode(params, layers, config, state, sampling=sampling, steps=steps)
         step = int(state["step"])
         if on_tokens:
             on_tokens(np.asarray(state["tokens"][:, before:step]))

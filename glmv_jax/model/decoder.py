@@ -30,10 +30,9 @@ class DecoderLayer(nn.Module):
 
     x (B, T, hidden); cos, sin (B, T, rotary_dim); segment (B, T) (0 = padding); index (B, T) causal order.
     Without `kv`, attends to its own keys and returns them: (x, (k, v)) with k, v (B, T, K, D).
-    With `kv` = this layer's (k, v) caches (B, S, K, D) and one new token (T = 1), attends to the cache's
-    valid slots (`kv_meta["segment"]` (B, S) != 0, except `kv_meta["write_pos"]`, the new token's slot)
-    and to the new key, and returns only the new (k, v) (B, 1, K, D): `Decoder.hidden` writes them into
-    the stacked caches once for all layers (no per-layer copy of a cache).
+    With `kv` = this layer's caches (keys (B, K, D, S), values (B, K, S, D): `cache_layout`) and one new
+    token (T = 1), writes its key and value at slot `kv_meta["write_pos"]`, attends to the valid slots
+    (`kv_meta["segment"]` (B, S) != 0, the new one included) and returns the written caches.
     """
 
     config: TextConfig
@@ -55,9 +54,8 @@ class DecoderLayer(nn.Module):
         if kv is None:
             out = attend(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
         else:
-            k, v = k.astype(kv[0].dtype), v.astype(kv[1].dtype)
-            valid = (kv_meta["segment"] != 0) & (jnp.arange(kv[0].shape[1]) != kv_meta["write_pos"])
-            out = cached_attention(q, kv[0], kv[1], valid, k, v)
+            k, v = write_cache(kv, k, v, kv_meta["write_pos"])
+            out = cached_attention(q, k, v, kv_meta["segment"] != 0)
         y = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), use_bias=False, name="o", in_dims=2,
                   param_dtype=pd)(out)
         x = x + norm("post_attn_norm")(y)
@@ -86,7 +84,7 @@ class Decoder(nn.Module):
         if self.remat_policy != "none":
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast), length=cfg.num_layers,
+                              in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.param_dtype)
         self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype)
         if not self.tie_word_embeddings:
@@ -97,15 +95,15 @@ class Decoder(nn.Module):
         """(B, T) int -> (B, T, hidden) in the embedding's dtype."""
         return self.embed(input_ids)
 
-    def hidden(self, x, position_ids, segment, index, kv=None, kv_meta=None):
-        """x (B, T, hidden), position_ids (3, B, T) -> (final-norm hidden (B, T, hidden), (k, v) (L, B, S, K, D))."""
+    def hidden(self, x, position_ids, segment, index):
+        """x (B, T, hidden), position_ids (3, B, T) -> (final-norm hidden (B, T, hidden), (k, v) (L, B, T, K, D))."""
         cos, sin = rope.text_cos_sin(position_ids, self.config, x.dtype)
-        if kv is None:
-            x, kv = self.layers(x, cos, sin, segment, index, None, None)
-            return self.norm(x), kv
-        x, new = self.layers(x, cos, sin, segment, index, kv, kv_meta)  # new: (L, B, 1, K, D)
-        at = (0, 0, kv_meta["write_pos"], 0, 0)
-        return self.norm(x), tuple(jax.lax.dynamic_update_slice(c, n, at) for c, n in zip(kv, new))
+        x, kv = self.layers(x, cos, sin, segment, index)
+        return self.norm(x), kv
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Pre-norm hidden (..., hidden) -> logits (..., vocab): final norm, then `logits`."""
+        return self.logits(self.norm(h))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """(..., hidden) -> (..., vocab) in the parameters' dtype."""
@@ -114,3 +112,55 @@ class Decoder(nn.Module):
     def __call__(self, x: jax.Array, position_ids: jax.Array, segment: jax.Array, index: jax.Array) -> jax.Array:
         """x (B, T, hidden), position_ids (3, B, T) -> logits (B, T, vocab) in the parameters' dtype."""
         return self.logits(self.hidden(x, position_ids, segment, index)[0])
+
+
+def unstack_layers(decoder_params: dict) -> tuple[dict, ...]:
+    """The decoder's stacked layer parameters (leading axis L) as L per-layer trees, for `decode_step`.
+
+    A decode step reads every weight once; on XLA:CPU a layer scan first copies each layer's slice out of
+    the stack (a dynamic_slice is not fused into a dot there), which doubles the bytes a step moves. Per-layer
+    buffers are read in place. Costs one extra copy of the layer weights while they are alive.
+    """
+    layers = decoder_params["layers"]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(jax.tree.leaves(layers)[0].shape[0]))
+
+
+def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values (B, S, K, D) -> the decode caches' layouts: keys (B, K, D, S), values (B, K, S, D).
+
+    These are the operand layouts of the two attention matmuls (scores q.k, then p.v), so XLA reads the
+    caches as they are instead of transposing every layer's cache at every step.
+    """
+    return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+def write_cache(kv: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, at) -> tuple[jax.Array, jax.Array]:
+    """Write one token's k, v (B, 1, K, D) into caches in `cache_layout` at slot `at` (in place under jit).
+
+    Written before the attention reads the caches: the old cache is never read after the write, so XLA
+    updates the loop-carried buffers in place instead of copying them.
+    """
+    k, v = cache_layout(k.astype(kv[0].dtype), v.astype(kv[1].dtype))
+    return jax.lax.dynamic_update_slice(kv[0], k, (0, 0, 0, at)), jax.lax.dynamic_update_slice(kv[1], v, (0, 0, at, 0))
+
+
+def decode_step(decoder: Decoder, params: dict, layers: tuple[dict, ...], token: jax.Array, position_ids: jax.Array,
+                kv: tuple, kv_meta: dict) -> tuple[jax.Array, tuple]:
+    """One new token per row through the decoder, its layers unrolled over per-layer weights and caches.
+
+    params: the decoder's parameters (its `layers` unused); layers: `unstack_layers(params)`; token (B,);
+    position_ids (3, B, 1); kv: one (k, v) pair of caches per layer in `cache_layout`; kv_meta: "segment"
+    (B, S) (0 = empty slot) and "write_pos" (the new token's slot). Returns logits (B, vocab) in the
+    parameters' dtype and the caches with the new K/V written at write_pos (in place when donated;
+    kv_meta["segment"] must already mark write_pos as filled).
+    """
+    b, at = token.shape[0], kv_meta["write_pos"]
+    x = decoder.apply({"params": params}, token[:, None], method=Decoder.embed_tokens)
+    cos, sin = rope.text_cos_sin(position_ids, decoder.config, x.dtype)
+    segment, index = jnp.ones((b, 1), jnp.int32), jnp.full((b, 1), at)
+    layer = DecoderLayer(decoder.config, decoder.param_dtype)
+    written = []
+    for weights, caches in zip(layers, kv):
+        x, caches = layer.apply({"params": weights}, x, cos, sin, segment, index, caches, kv_meta)
+        written.append(caches)
+    return decoder.apply({"params": params}, x[:, 0], method=Decoder.head), tuple(written)

@@ -193,22 +193,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
     return out.reshape(b, t, h, d)
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array,
-                     k_new: jax.Array, v_new: jax.Array) -> jax.Array:
-    """One decode step: q (B, 1, H, D) attends to the valid slots of a K/V cache (B, S, K, D) (cache_valid
-    (B, S) bool) and to its own new key and value (B, 1, K, D), which need not be in the cache yet (one
-    softmax over both). Scores and softmax in float32; returns (B, 1, H, D) in q's dtype."""
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array) -> jax.Array:
+    """Decode attention: q (B, T, H, D) attends to the valid slots (cache_valid (B, S) bool) of K/V caches.
+
+    The caches are kept in the layouts the two matmuls read without a transpose: keys (B, K, D, S), values
+    (B, K, S, D); the queries of one KV head are one (T x H/K, D) matrix (a separate size-1 T axis makes
+    XLA:CPU pick a 4x slower matmul). Scores and softmax in float32; returns (B, T, H, D) in q's dtype.
+    """
     b, t, h, d = q.shape
-    kv_heads = k_cache.shape[2]
-    grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scale = d ** -0.5
-    old = jnp.einsum("btkgd,bskd->bkgts", grouped, k_cache, preferred_element_type=jnp.float32) * scale
-    old = jnp.where(cache_valid[:, None, None, None, :], old, -jnp.inf)
-    new = jnp.einsum("btkgd,btkd->bkgt", grouped, k_new, preferred_element_type=jnp.float32)[..., None] * scale
-    top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), new)
-    p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)
-    inverse = 1.0 / (jnp.sum(p_old, axis=-1, keepdims=True) + p_new)
-    out = jnp.einsum("bkgts,bskd->btkgd", (p_old * inverse).astype(v_cache.dtype), v_cache,
-                     preferred_element_type=jnp.float32)
-    out = out + jnp.moveaxis((p_new * inverse)[..., 0], 3, 1)[..., None] * v_new[:, :, :, None, :]
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    kv_heads = k_cache.shape[1]
+    rows = jnp.moveaxis(q.reshape(b, t, kv_heads, h // kv_heads, d), 1, 2).reshape(b, kv_heads, -1, d)
+    scores = jnp.einsum("bkqd,bkds->bkqs", rows * jnp.asarray(d ** -0.5, q.dtype), k_cache,
+                        preferred_element_type=jnp.float32)
+    scores = jnp.where(cache_valid[:, None, None, :], scores, -jnp.inf)
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = (out / jnp.sum(p, axis=-1)[..., None]).reshape(b, kv_heads, t, h // kv_heads, d)
+    return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d).astype(q.dtype)
