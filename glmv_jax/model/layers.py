@@ -97,7 +97,7 @@ def _chunk_backward(q, k, v, allowed, out, d_out, lse):
     p = jnp.exp(_scores(q, k, allowed) - lse[..., None])
     dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.einsum("bkgtd,bkgtd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # a fused reduce, not a dot
     ds = (p * (dp - row[..., None])).astype(q.dtype)
     dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q, preferred_element_type=jnp.float32)
