@@ -9,7 +9,7 @@ import torch
 
 from glmv_jax import SamplingConfig, forward, generate, sample
 from glmv_jax.generate import sampler
-from glmv_jax.model.decoder import cache_layout
+from glmv_jax.model.decoder import cache_layout, unstack_layers
 from glmv_jax.model.inputs import InputError
 from reference import Prompt, batch, relative_error
 
@@ -87,7 +87,7 @@ def test_decode_makes_no_host_transfer(tiny_pair):
         "think_closed": jnp.zeros((b,), bool), "think_count": jnp.zeros((b,), jnp.int32),
         "force_step": jnp.full((b,), -1, jnp.int32), "forced": jnp.zeros((b,), bool)}
     params = jax.device_put(params)
-    layers = sampler._unstack_layers(params["decoder"])
+    layers = jax.jit(unstack_layers)(params["decoder"])
     with jax.transfer_guard("disallow"):
         new = sampler.decode(params, layers, config, state, sampling=s, steps=8)
         jax.block_until_ready(new)

@@ -20,12 +20,11 @@ import numpy as np
 from glmv_jax.config import GlmvConfig
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
-from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, unstack_layers
+from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, unrolled_hidden, unstack_layers
 from glmv_jax.model.glmv import Glmv, params_dtype
 from glmv_jax.shapes import bucket, round_up
 
 NOT_FORCING, FORCE_DONE = -1, -2
-_unstack_layers = jax.jit(unstack_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,21 +93,25 @@ def choose(logits: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("config", "cache_size"))
 def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, position_ids, pixel_values,
             image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int):
-    """Run the prompt (B, T): last-position logits (B, V) float32 and, per layer, (k, v) caches of
-    cache_size slots in `decoder.cache_layout` (what `decoder.decode_step` reads and writes)."""
+    """Run the prompt (B, T). Returns the last position's logits (B, V) float32; per layer, (k, v) caches of
+    cache_size slots in `decoder.cache_layout` (what `decoder.decode_step` reads and writes); and the
+    decoder's per-layer weights (`decoder.unstack_layers`), which this pass and the decode steps run on."""
     dtype = params_dtype(params)
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
 
-    def run(model: Glmv):
-        x = model.embed_inputs(input_ids, token_types, cast(pixel_values), image_grid_thw,
-                               cast(pixel_values_videos), video_grid_thw)
-        index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        h, kv = model.decoder.hidden(x, position_ids, attention_mask, index)
-        return model.decoder.logits(h[:, -1]).astype(jnp.float32), kv
+    def embed(model: Glmv):
+        return model.embed_inputs(input_ids, token_types, cast(pixel_values), image_grid_thw,
+                                  cast(pixel_values_videos), video_grid_thw)
 
-    logits, (k, v) = Glmv(config, dtype).apply({"params": params}, method=run)
+    x = Glmv(config, dtype).apply({"params": params}, method=embed)
+    text, layers = Decoder(config.text, config.tie_word_embeddings, dtype), unstack_layers(params["decoder"])
+    index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    h, kv = unrolled_hidden(text, params["decoder"], layers, x, position_ids, attention_mask, index)
+    # The last two positions, not one: XLA:CPU runs a one-row bf16 matmul by converting the whole
+    # (hidden, vocab) lm_head to f32 first (24 ms for `small`, against 1.6 ms for two rows).
+    logits = text.apply({"params": params["decoder"]}, h[:, -2:], method=Decoder.logits)[:, -1]
     pad = [(0, 0), (0, cache_size - input_ids.shape[1]), (0, 0), (0, 0)]
-    return logits, tuple(cache_layout(jnp.pad(k[i], pad), jnp.pad(v[i], pad)) for i in range(k.shape[0]))
+    return logits.astype(jnp.float32), tuple(cache_layout(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kv), layers
 
 
 def _feed(params, layers, config: GlmvConfig, token, state):
@@ -139,7 +142,7 @@ def _apply_budget(token, state, s: SamplingConfig):
 def decode(params, layers, config: GlmvConfig, state: dict, *, sampling: SamplingConfig, steps: int) -> dict:
     """Run up to `steps` decode steps on device (fewer if every row stopped); returns the new state.
 
-    layers: `unstack_layers(params["decoder"])`, the per-layer weights the unrolled decode step reads."""
+    layers: the per-layer decoder weights `prefill` returned (`decoder.unstack_layers`)."""
     s = sampling
     stop_at = jnp.minimum(state["step"] + steps, s.max_new_tokens)
     eos = jnp.array(s.eos_ids or (-1,), jnp.int32)
@@ -198,7 +201,7 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
     pixel_values_videos, video_grid = model_inputs.pad_visual(pixel_values_videos, video_grid, config.vision)
     positions, _ = rope.get_rope_index(config, ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
                                        attention_mask=mask, mm_token_type_ids=types)
-    logits, kv = prefill(params, config, ids, mask, types, positions, pixel_values, image_grid,
+    logits, kv, layers = prefill(params, config, ids, mask, types, positions, pixel_values, image_grid,
                          pixel_values_videos, video_grid, cache_size=cache_size)
     n = sampling.max_new_tokens
     state = {
@@ -211,7 +214,6 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
         "force_step": jnp.full((b,), NOT_FORCING, jnp.int32), "forced": jnp.zeros((b,), bool),
     }
     steps = steps_per_call or n
-    layers = _unstack_layers(params["decoder"])
     while True:
         before = int(state["step"]) if on_tokens else 0
         state = decode(params, layers, config, state, sampling=sampling, steps=steps)

@@ -115,14 +115,38 @@ class Decoder(nn.Module):
 
 
 def unstack_layers(decoder_params: dict) -> tuple[dict, ...]:
-    """The decoder's stacked layer parameters (leading axis L) as L per-layer trees, for `decode_step`.
+    """The decoder's stacked layer parameters (leading axis L) as L per-layer trees, for inference
+    (`unrolled_hidden`, `decode_step`).
 
-    A decode step reads every weight once; on XLA:CPU a layer scan first copies each layer's slice out of
-    the stack (a dynamic_slice is not fused into a dot there), which doubles the bytes a step moves. Per-layer
-    buffers are read in place. Costs one extra copy of the layer weights while they are alive.
+    In a layer scan XLA:CPU first copies each layer's slice out of the stack (a dynamic_slice is not fused
+    into a dot there; for bf16 it even converts the whole stack to f32 and each slice back), which doubles
+    the bytes a decode step moves. Per-layer buffers are read in place. Costs one extra copy of the layer
+    weights while they are alive.
     """
     layers = decoder_params["layers"]
     return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(jax.tree.leaves(layers)[0].shape[0]))
+
+
+def _run_layers(decoder: Decoder, layers: tuple[dict, ...], x, cos, sin, segment, index, kv=None, kv_meta=None):
+    """x through every layer, unrolled over per-layer weights; returns x and each layer's (k, v)."""
+    layer = DecoderLayer(decoder.config, decoder.param_dtype)
+    written = []
+    for i, weights in enumerate(layers):
+        x, caches = layer.apply({"params": weights}, x, cos, sin, segment, index,
+                                None if kv is None else kv[i], kv_meta)
+        written.append(caches)
+    return x, tuple(written)
+
+
+def unrolled_hidden(decoder: Decoder, params: dict, layers: tuple[dict, ...], x: jax.Array, position_ids: jax.Array,
+                    segment: jax.Array, index: jax.Array) -> tuple[jax.Array, tuple]:
+    """`Decoder.hidden` with the layers unrolled over `unstack_layers(params)` instead of scanned (inference).
+
+    Returns the final-norm hidden (B, T, hidden) and one (k, v) pair (B, T, K, D) per layer.
+    """
+    cos, sin = rope.text_cos_sin(position_ids, decoder.config, x.dtype)
+    x, kv = _run_layers(decoder, layers, x, cos, sin, segment, index)
+    return decoder.apply({"params": params}, x, method=lambda m, h: m.norm(h)), kv
 
 
 def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -157,10 +181,6 @@ def decode_step(decoder: Decoder, params: dict, layers: tuple[dict, ...], token:
     b, at = token.shape[0], kv_meta["write_pos"]
     x = decoder.apply({"params": params}, token[:, None], method=Decoder.embed_tokens)
     cos, sin = rope.text_cos_sin(position_ids, decoder.config, x.dtype)
-    segment, index = jnp.ones((b, 1), jnp.int32), jnp.full((b, 1), at)
-    layer = DecoderLayer(decoder.config, decoder.param_dtype)
-    written = []
-    for weights, caches in zip(layers, kv):
-        x, caches = layer.apply({"params": weights}, x, cos, sin, segment, index, caches, kv_meta)
-        written.append(caches)
-    return decoder.apply({"params": params}, x[:, 0], method=Decoder.head), tuple(written)
+    x, written = _run_layers(decoder, layers, x, cos, sin, jnp.ones((b, 1), jnp.int32), jnp.full((b, 1), at),
+                             kv, kv_meta)
+    return decoder.apply({"params": params}, x[:, 0], method=Decoder.head), written

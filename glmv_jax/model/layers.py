@@ -15,16 +15,30 @@ Dtype = jnp.dtype
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 
 
+def accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` that accumulates in float32 and rounds once to the operands' dtype.
+
+    Same result for float32; for bfloat16 it is the reference's rounding (PyTorch's bf16 matmuls
+    accumulate in f32) and lets XLA:CPU run the native bf16 x bf16 -> f32 kernel: a bf16-output dot was
+    lowered as converts of both operands to f32 (the whole weight matrix, at every call) and an f32 dot.
+    """
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                              preferred_element_type=jnp.float32)
+    return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
 def dense(features: int | Sequence[int], axes: Sequence[str], *, use_bias: bool, name: str | None = None,
           in_dims: int = 1, param_dtype: Dtype = jnp.float32) -> nn.DenseGeneral:
     """A dense layer over the last `in_dims` input dims whose kernel carries the logical `axes`.
 
     The kernel has shape (*in, *features) and axes names every one of its dims; the bias has the
     feature dims and their names. Split feature dims (heads, head_dim) keep tensor sharding local.
+    Products accumulate in float32 (`accumulate_f32`).
     """
     features = (features,) if isinstance(features, int) else tuple(features)
     return nn.DenseGeneral(
         features, axis=tuple(range(-in_dims, 0)), use_bias=use_bias, name=name, param_dtype=param_dtype,
+        dot_general=accumulate_f32,
         kernel_init=nn.with_logical_partitioning(DEFAULT_INIT, tuple(axes)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes[in_dims:])))
 
