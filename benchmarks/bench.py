@@ -496,6 +496,7 @@ def run(settings: Settings | None = None, *, json_path: str | os.PathLike | None
                     "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__, "torch": torch.__version__,
                     "transformers": _version("transformers"), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                     "load_average_start": load_start, "load_average_end": os.getloadavg()},
         "settings": {**dataclasses.asdict(s), "hf_attention": hf_attention},
         "limits": limits,
@@ -577,9 +578,16 @@ def header(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     return (f"glmv bench: config {s['config']}, {m['cpus']} CPUs ({m['processor']}), torch {m['torch']} with "
             f"{m['torch_threads']} threads, transformers {m['transformers']} (attention: {s['hf_attention']}), "
-            f"jax {m['jax']}; medians of {s['repeats']} interleaved runs after warm-up; 1-minute load average "
+            f"jax {m['jax']}; host malloc {_malloc(m)}; medians of {s['repeats']} interleaved runs after warm-up; "
+            f"1-minute load average "
             f"{m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end (near 0: a quiet "
             f"machine; near or above the CPU count: other work shared it and the times are noisy)")
+
+
+def _malloc(machine: dict) -> str:
+    """How the process's (shared by both sides) glibc malloc was set up: `glmv_jax.hostmem`'s tuning or not."""
+    from glmv_jax import hostmem
+    return "tuned (glmv_jax.hostmem)" if hostmem.TUNABLES in machine.get("glibc_tunables", "") else "system default"
 
 
 def chart(result: dict, path: str | os.PathLike) -> None:

@@ -5,6 +5,8 @@ import argparse
 import sys
 import time
 
+from glmv_jax import hostmem
+
 
 def _convert(args: argparse.Namespace) -> int:
     from glmv_jax.checkpoint import convert
@@ -234,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `glmv` command itself (not a call from Python): keep freed host memory on CPU
+        hostmem.reexec_with_tuned_malloc("glmv_jax.cli", sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
