@@ -4,9 +4,10 @@ XLA:CPU allocates each execution's buffers afresh (a `small` train step at batch
 blocks that large with mmap and unmaps them when they are freed, so every step page-faults its whole working set
 again: ~800k faults and 1.5-2 s of kernel time per step on the 2-core VM we measure on, and 4-5 s when other
 memory was freed just before (in a VM the host takes freed pages back and must supply them again). With mmap off,
-two arenas and no trimming, freed memory stays in the process and later steps reuse it: train step 4.0 -> 3.1 s
-(faults 810k -> 38k per step; from the third step on, as the heap grows over the first two). The cost: the process
-keeps its peak memory (peak RSS 4.7 -> 5.5 GB for that train step; one arena: 8.3 GB and 23% longer compiles).
+one arena and no trimming, freed memory stays in the process and later steps reuse it: train step 4.0 -> 3.2 s,
+no faults once the heap has grown (first step or two). The costs, measured: the process keeps its peak memory
+(peak RSS 4.7 -> 8.3 GB for that train step) and compiles take longer (train step 6.9 -> 8.5 s; threads share
+one arena). Two arenas kept RSS at 5.5 GB but faulted again as soon as PyTorch shared the process (the bench).
 
 glibc reads these settings (GLIBC_TUNABLES) only when a process starts, so the `glmv` command re-executes itself
 once with them (`reexec_with_tuned_malloc`). Not done where an accelerator does the work (its memory is not
@@ -20,7 +21,7 @@ import os
 import platform
 import sys
 
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=2"
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
 ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
 
 
