@@ -6,8 +6,8 @@
 The `small` config's random weights go into transformers' Glm4vForConditionalGeneration (PyTorch eager,
 as many threads as XLA uses: every core) and, through `save_pretrained` and our HF converter, into
 glmv-jax. Both get the same inputs: per row one 448x448 image (256 visual tokens) and 256 text tokens.
-After warm-up, each figure is the median of `repeats` runs taken in turn (ours, theirs, ours, ...), so
-drift on the machine hits both sides alike.
+After warm-up (two steps each for training), each figure is the median of `repeats` runs taken in turn (ours,
+theirs, ours, ...), so drift on the machine hits both sides alike.
 
 Figures, each in float32 and in bfloat16 on both sides (our params loaded as bfloat16; theirs
 `model.to(torch.bfloat16)`; training is then pure bf16 on both sides, AdamW moments included):
@@ -340,6 +340,7 @@ class Bench:
 
         with PeakRSS() as rss:
             their_loss = theirs()
+        ours(), theirs()  # a second warm-up step each: the heap grows to its steady size over the first steps
         t = interleaved_medians({"ours": ours, "theirs": theirs}, self.s.train_repeats or self.s.repeats)
         del model, optimizer, holder
         seq = inputs["input_ids"].shape[1]
