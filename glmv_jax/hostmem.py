@@ -44,7 +44,7 @@ def wants_tuned_malloc(env: dict[str, str]) -> bool:
 def reexec_with_tuned_malloc(module: str, args: list[str]) -> None:
     """Replace this process by `python -m module *args` with `TUNABLES` added to GLIBC_TUNABLES, if
     `wants_tuned_malloc`; otherwise return. Call it before anything is computed (the process restarts)."""
-    if not wants_tuned_malloc(dict(os.environ)):
+    if not sys.executable or not wants_tuned_malloc(dict(os.environ)):
         return
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), TUNABLES]))
