@@ -289,8 +289,8 @@ class Bench:
         flops = prefill_flops(self.config, batch, seq, self._patches(inputs))
         return self._flops_row(f"prefill b={batch}", "prefill", batch, t, flops, compiled=compiled,
                                compile_s=compile_s, first_call_s=first_call_s, rss=rss,
-                                     note=f"{seq} prompt tokens ({padded} after our bucketing); theirs computes all "
-                                    f"{seq} tokens' logits, ours the last one's")
+                               note=f"{seq} prompt tokens ({padded} after our bucketing); theirs computes all "
+                                    f"{seq} tokens' logits, ours the last two positions' (returning the last)")
 
     # ---- training
     def train_batch(self, batch: int) -> dict:

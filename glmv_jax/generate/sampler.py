@@ -90,6 +90,11 @@ def choose(logits: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
 
 # --------------------------------------------------------------------------------- programs
 
+def _text_model(config: GlmvConfig, dtype) -> Decoder:
+    """The decoder module as `Glmv` builds it, unbound: applied to `params["decoder"]`."""
+    return Decoder(config.text, config.tie_word_embeddings, dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "cache_size"))
 def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, position_ids, pixel_values,
             image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int):
@@ -104,7 +109,7 @@ def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, 
                                   cast(pixel_values_videos), video_grid_thw)
 
     x = Glmv(config, dtype).apply({"params": params}, method=embed)
-    text, layers = Decoder(config.text, config.tie_word_embeddings, dtype), unstack_layers(params["decoder"])
+    text, layers = _text_model(config, dtype), unstack_layers(params["decoder"])
     index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     h, kv = unrolled_hidden(text, params["decoder"], layers, x, position_ids, attention_mask, index)
     # The last two positions, not one: XLA:CPU runs a one-row bf16 matmul by converting the whole
@@ -118,8 +123,8 @@ def _feed(params, layers, config: GlmvConfig, token, state):
     """One decoder step for `token` (B,) at the cache slot `write_pos`: logits (B, V) float32, new caches."""
     meta = {"write_pos": state["write_pos"], "segment": state["cache_segment"]}
     positions = jnp.broadcast_to(state["next_pos"][None, :, None], (3, token.shape[0], 1))
-    text = Decoder(config.text, config.tie_word_embeddings, params_dtype(params))
-    logits, kv = decode_step(text, params["decoder"], layers, token, positions, state["kv"], meta)
+    logits, kv = decode_step(_text_model(config, params_dtype(params)), params["decoder"], layers, token, positions,
+                             state["kv"], meta)
     return logits.astype(jnp.float32), kv
 
 
