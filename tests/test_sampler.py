@@ -44,6 +44,17 @@ def test_greedy_equals_transformers(tiny_pair, prompts):
     np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
 
 
+def test_greedy_is_argmax_first_index_on_ties_and_nan():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 4, size=(6, 50)).astype(np.float32)  # many ties
+    logits[4, [7, 30]] = np.nan
+    logits[5, :] = -np.inf
+    got = np.asarray(sampler.greedy(jnp.asarray(logits)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got[4] == 7 and got[5] == 0
+
+
 def test_logprobs_are_the_models(tiny_pair):
     """Greedy log-probs equal log softmax of a plain forward over prompt + generated tokens."""
     config, _, params, _ = tiny_pair

@@ -23,6 +23,7 @@ from glmv_jax.model import rope
 from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, unrolled_hidden, unstack_layers
 from glmv_jax.model.glmv import Glmv, params_dtype
 from glmv_jax.shapes import bucket, round_up
+from glmv_jax.train.losses import token_log_probs
 
 NOT_FORCING, FORCE_DONE = -1, -2
 
@@ -65,15 +66,19 @@ class SampleOutput(NamedTuple):
 
 # ------------------------------------------------------------------------------ token choice
 
-def log_probs(logits: jax.Array, temperature: float) -> jax.Array:
-    """log softmax(logits / temperature), float32 (temperature 0 counts as 1)."""
-    return jax.nn.log_softmax(logits.astype(jnp.float32) / (temperature or 1.0), axis=-1)
+def greedy(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` (B, V) -> (B,) int32 (the first index of the maximum; a row with a NaN gives its
+    first NaN). Written as two plain reductions: XLA:CPU runs argmax's (value, index) reduction unvectorised
+    (0.66 ms for 8 x 32000 logits, a twentieth of a decode step)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
 
 
 def choose(logits: jax.Array, key: jax.Array, s: SamplingConfig) -> jax.Array:
     """Next token (B,) from logits (B, V): greedy, or sampled after top-k and top-p filtering."""
     if s.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     scaled = logits.astype(jnp.float32) / s.temperature
     if s.top_k:
         kth = jax.lax.top_k(scaled, s.top_k)[0][:, -1:]
@@ -157,7 +162,7 @@ def decode(params, layers, config: GlmvConfig, state: dict, *, sampling: Samplin
         token = choose(st["logits"], sub, s)
         if s.thinking_budget is not None:
             token, st = _apply_budget(token, st, s)
-        logp = jnp.take_along_axis(log_probs(st["logits"], s.temperature), token[:, None], axis=-1)[:, 0]
+        logp = token_log_probs(st["logits"] / (s.temperature or 1.0), token)
         done = st["done"]
         token = jnp.where(done, s.pad_id, token)
         st = {**st, "rng": key,

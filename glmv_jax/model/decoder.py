@@ -30,7 +30,7 @@ class DecoderLayer(nn.Module):
 
     x (B, T, hidden); cos, sin (B, T, rotary_dim); segment (B, T) (0 = padding); index (B, T) causal order.
     Without `kv`, attends to its own keys and returns them: (x, (k, v)) with k, v (B, T, K, D).
-    With `kv` = this layer's caches (keys (B, K, D, S), values (B, K, S, D): `cache_layout`) and one new
+    With `kv` = this layer's caches (keys (B*K, D, S), values (B*K, S, D): `cache_layout`) and one new
     token (T = 1), writes its key and value at slot `kv_meta["write_pos"]`, attends to the valid slots
     (`kv_meta["segment"]` (B, S) != 0, the new one included) and returns the written caches.
     """
@@ -150,12 +150,14 @@ def unrolled_hidden(decoder: Decoder, params: dict, layers: tuple[dict, ...], x:
 
 
 def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values (B, S, K, D) -> the decode caches' layouts: keys (B, K, D, S), values (B, K, S, D).
+    """Keys and values (B, S, K, D) -> the decode caches' layouts: keys (B*K, D, S), values (B*K, S, D).
 
     These are the operand layouts of the two attention matmuls (scores q.k, then p.v), so XLA reads the
-    caches as they are instead of transposing every layer's cache at every step.
+    caches as they are instead of transposing every layer's cache at every step (`layers.cached_attention`).
     """
-    return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+    b, s, kv_heads, d = k.shape
+    return (jnp.transpose(k, (0, 2, 3, 1)).reshape(b * kv_heads, d, s),
+            jnp.transpose(v, (0, 2, 1, 3)).reshape(b * kv_heads, s, d))
 
 
 def write_cache(kv: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, at) -> tuple[jax.Array, jax.Array]:
@@ -165,7 +167,7 @@ def write_cache(kv: tuple[jax.Array, jax.Array], k: jax.Array, v: jax.Array, at)
     updates the loop-carried buffers in place instead of copying them.
     """
     k, v = cache_layout(k.astype(kv[0].dtype), v.astype(kv[1].dtype))
-    return jax.lax.dynamic_update_slice(kv[0], k, (0, 0, 0, at)), jax.lax.dynamic_update_slice(kv[1], v, (0, 0, at, 0))
+    return jax.lax.dynamic_update_slice(kv[0], k, (0, 0, at)), jax.lax.dynamic_update_slice(kv[1], v, (0, at, 0))
 
 
 def decode_step(decoder: Decoder, params: dict, layers: tuple[dict, ...], token: jax.Array, position_ids: jax.Array,

@@ -228,17 +228,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, cache_valid: jax.Array) -> jax.Array:
     """Decode attention: q (B, T, H, D) attends to the valid slots (cache_valid (B, S) bool) of K/V caches.
 
-    The caches are kept in the layouts the two matmuls read without a transpose: keys (B, K, D, S), values
-    (B, K, S, D); the queries of one KV head are one (T x H/K, D) matrix (a separate size-1 T axis makes
-    XLA:CPU pick a 4x slower matmul). Scores and softmax in float32; returns (B, T, H, D) in q's dtype.
+    The caches are kept in the layouts the two matmuls read as they are: keys (B*K, D, S), values
+    (B*K, S, D), batch and KV heads as one leading axis (a separate size-1 batch axis is a bitcast in front of
+    the matmul, and XLA:CPU then copies each updated cache every step instead of writing it in place). The
+    queries of one KV head are one (T x H/K, D) matrix (a separate size-1 T axis makes XLA:CPU pick a 4x
+    slower matmul). Scores and softmax in float32; returns (B, T, H, D) in q's dtype.
     """
     b, t, h, d = q.shape
-    kv_heads = k_cache.shape[1]
-    rows = jnp.moveaxis(q.reshape(b, t, kv_heads, h // kv_heads, d), 1, 2).reshape(b, kv_heads, -1, d)
-    scores = jnp.einsum("bkqd,bkds->bkqs", rows * jnp.asarray(d ** -0.5, q.dtype), k_cache,
+    kv_heads = k_cache.shape[0] // b
+    rows = jnp.moveaxis(q.reshape(b, t, kv_heads, h // kv_heads, d), 1, 2).reshape(b * kv_heads, -1, d)
+    scores = jnp.einsum("nqd,nds->nqs", rows * jnp.asarray(d ** -0.5, q.dtype), k_cache,
                         preferred_element_type=jnp.float32)
-    scores = jnp.where(cache_valid[:, None, None, :], scores, -jnp.inf)
+    scores = jnp.where(jnp.repeat(cache_valid, kv_heads, axis=0)[:, None, :], scores, -jnp.inf)
     p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = jnp.einsum("nqs,nsd->nqd", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
     out = (out / jnp.sum(p, axis=-1)[..., None]).reshape(b, kv_heads, t, h // kv_heads, d)
     return jnp.moveaxis(out, 2, 1).reshape(b, t, h, d).astype(q.dtype)
