@@ -1,8 +1,8 @@
 """The attention core against a plain dense-mask softmax differentiated by JAX: outputs and gradients.
 
 `layers.attention` runs its own custom VJP (flash-style, query chunks, head-major layout); the model parity
-tests exercise only its forward. Here: grouped-query heads, segments with padding, causal and not, one
-chunk and several uneven chunks. `cached_attention` (decode) against the same reference on cache slots.
+tests exercise only its forward. Here: grouped-query heads, segments with padding, causal (by indices, or in
+column order with key blocks skipped) and not, one chunk and several uneven chunks. `cached_attention` (decode) against the same reference on cache slots.
 """
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def reference(q, k, v, allowed):
     return jnp.einsum("bhts,bshd->bthd", p, v)
 
 
-def case(causal: bool):
+def case(causal):
+    """causal: False, "indices" (q_index/kv_index given) or "columns" (causal=True: the column order, with key
+    blocks past each query block skipped)."""
     keys = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(keys[0], (B, T, H, D))
     k = jax.random.normal(keys[1], (B, S, K, D))
@@ -38,13 +40,15 @@ def case(causal: bool):
     if causal:
         allowed &= index[:, None, :] <= index[:, :, None]
     masks = dict(q_segment=segment, kv_segment=segment)
-    if causal:
+    if causal == "indices":
         masks.update(q_index=index, kv_index=index)
+    elif causal == "columns":
+        masks.update(causal=True)
     return (q, k, v), masks, allowed
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("chunk", [None, 4])  # 4: four uneven query chunks through lax.map / lax.scan
+@pytest.mark.parametrize("causal", ["columns", "indices", False])
+@pytest.mark.parametrize("chunk", [None, 4])  # 4: four uneven query chunks (lax.map / lax.scan, or prefix blocks)
 def test_attention_and_its_gradients_equal_the_dense_reference(causal, chunk):
     args, masks, allowed = case(causal)
     cotangent = jax.random.normal(jax.random.key(9), (B, T, H, D))
@@ -63,3 +67,10 @@ def test_cached_attention_equals_the_dense_reference():
     valid = jnp.array([[True] * 9 + [False] * 4, [False] * 3 + [True] * 10])
     out = cached_attention(q, *cache_layout(k, v), valid)
     np.testing.assert_allclose(out, reference(q, k, v, valid[:, None, :]), atol=1e-5, rtol=1e-5)
+
+
+def test_column_order_needs_as_many_keys_as_queries():
+    (q, k, v), masks, _ = case(False)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        attention(q, k[:, :-1], v[:, :-1], q_segment=masks["q_segment"], kv_segment=masks["kv_segment"][:, :-1],
+                  causal=True)

@@ -11,11 +11,16 @@ from glmv_jax.model.layers import DEFAULT_INIT, RMSNorm, attention, cached_atten
 from glmv_jax.parallel.context import in_mesh, sharded_attention
 from glmv_jax.parallel.mesh import constrain
 
-def attend(q, k, v, *, seq_axes=("context",), gather_kv=True, **masks):
-    """Decoder attention: sharded over the current mesh if there is one, else local."""
+def attend(q, k, v, *, segment, index):
+    """Causal decoder self-attention: sharded over the current mesh if there is one, else local.
+
+    index (B, T): each token's place in the causal order, or None for the column order (then the local
+    attention skips the key blocks past each query block)."""
     if in_mesh():
-        return sharded_attention(q, k, v, seq_axes=seq_axes, gather_kv=gather_kv, **masks)
-    return attention(q, k, v, **masks)
+        if index is None:
+            index = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+        return sharded_attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
+    return attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index, causal=True)
 
 
 REMAT_POLICIES = {
@@ -28,7 +33,8 @@ REMAT_POLICIES = {
 class DecoderLayer(nn.Module):
     """x + norm(Attn(norm(x))), then x + norm(MLP(norm(x))): four RMSNorms a layer.
 
-    x (B, T, hidden); cos, sin (B, T, rotary_dim); segment (B, T) (0 = padding); index (B, T) causal order.
+    x (B, T, hidden); cos, sin (B, T, rotary_dim); segment (B, T) (0 = padding); index (B, T) causal order
+    (None: the column order, `attend`).
     Without `kv`, attends to its own keys and returns them: (x, (k, v)) with k, v (B, T, K, D).
     With `kv` = this layer's caches (keys (B*K, D, S), values (B*K, S, D): `cache_layout`) and one new
     token (T = 1), writes its key and value at slot `kv_meta["write_pos"]`, attends to the valid slots
@@ -52,7 +58,7 @@ class DecoderLayer(nn.Module):
                   param_dtype=pd)(y)
         q, k = rope.apply_text_rope(q, cos, sin), rope.apply_text_rope(k, cos, sin)
         if kv is None:
-            out = attend(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index)
+            out = attend(q, k, v, segment=segment, index=index)
         else:
             k, v = write_cache(kv, k, v, kv_meta["write_pos"])
             out = cached_attention(q, k, v, kv_meta["segment"] != 0)
@@ -95,8 +101,9 @@ class Decoder(nn.Module):
         """(B, T) int -> (B, T, hidden) in the embedding's dtype."""
         return self.embed(input_ids)
 
-    def hidden(self, x, position_ids, segment, index):
-        """x (B, T, hidden), position_ids (3, B, T) -> (final-norm hidden (B, T, hidden), (k, v) (L, B, T, K, D))."""
+    def hidden(self, x, position_ids, segment, index=None):
+        """x (B, T, hidden), position_ids (3, B, T), segment (B, T), index (B, T) causal order or None (the
+        columns) -> (final-norm hidden (B, T, hidden), (k, v) (L, B, T, K, D))."""
         cos, sin = rope.text_cos_sin(position_ids, self.config, x.dtype)
         x, kv = self.layers(x, cos, sin, segment, index)
         return self.norm(x), kv
@@ -109,7 +116,8 @@ class Decoder(nn.Module):
         """(..., hidden) -> (..., vocab) in the parameters' dtype."""
         return self.embed.attend(h) if self.tie_word_embeddings else self.lm_head(h)
 
-    def __call__(self, x: jax.Array, position_ids: jax.Array, segment: jax.Array, index: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position_ids: jax.Array, segment: jax.Array,
+                 index: jax.Array | None = None) -> jax.Array:
         """x (B, T, hidden), position_ids (3, B, T) -> logits (B, T, vocab) in the parameters' dtype."""
         return self.logits(self.hidden(x, position_ids, segment, index)[0])
 
@@ -139,7 +147,7 @@ def _run_layers(decoder: Decoder, layers: tuple[dict, ...], x, cos, sin, segment
 
 
 def unrolled_hidden(decoder: Decoder, params: dict, layers: tuple[dict, ...], x: jax.Array, position_ids: jax.Array,
-                    segment: jax.Array, index: jax.Array) -> tuple[jax.Array, tuple]:
+                    segment: jax.Array, index: jax.Array | None) -> tuple[jax.Array, tuple]:
     """`Decoder.hidden` with the layers unrolled over `unstack_layers(params)` instead of scanned (inference).
 
     Returns the final-norm hidden (B, T, hidden) and one (k, v) pair (B, T, K, D) per layer.

@@ -62,12 +62,10 @@ class Glmv(nn.Module):
                  image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
         """input_ids (B, T), position_ids (3, B, T), segment (B, T), token_types (B, T) -> logits (B, T, V).
 
-        `index` (B, T) is each token's place in the causal order (default: its column).
+        `index` (B, T) is each token's place in the causal order (None: its column).
         """
         x = self.embed_inputs(input_ids, token_types, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, ranks)
-        if index is None:
-            index = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         return self.decoder(x, position_ids, segment, index)
 
 
@@ -82,8 +80,8 @@ def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, p
     """Everything per token the model reads, in the order it will run (load-balanced if context > 1).
 
     segment_ids (B, T): 1 (or 1..k for packed examples) on real tokens, 0 on padding. Returns
-    input_ids, segment, token_types, position_ids (3, B, T), index (original column), ranks, and
-    `order` (the permutation applied; undo with `jnp.argsort(order)`). `extra` per-token (B, T)
+    input_ids, segment, token_types, position_ids (3, B, T), ranks, `order` (the permutation applied; undo
+    with `jnp.argsort(order)`) and, if reordered (context > 1), index (each token's original column). `extra` per-token (B, T)
     arrays (e.g. targets, loss_mask) are returned under their names, reordered alike.
     """
     from glmv_jax.parallel.context import balanced_order, reorder
@@ -98,10 +96,9 @@ def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, p
     order = balanced_order(t, context)
     image_rank, video_rank = rope.visual_ranks(types)
     tokens = {"input_ids": input_ids, "segment": segment_ids, "token_types": types, "position_ids": position_ids,
-              "index": jnp.broadcast_to(jnp.arange(t), (b, t)), "image_rank": image_rank, "video_rank": video_rank,
-              **(extra or {})}
+              "image_rank": image_rank, "video_rank": video_rank, **(extra or {})}
     if context > 1:
-        tokens = reorder(tokens, order, {"position_ids": 2})
+        tokens = reorder({**tokens, "index": jnp.broadcast_to(jnp.arange(t), (b, t))}, order, {"position_ids": 2})
     return {**tokens, "order": jnp.asarray(order)}
 
 
@@ -111,7 +108,7 @@ def apply(params, config: GlmvConfig, tokens: dict, visual: dict, remat_policy: 
     visual = {k: (v.astype(dtype) if k.startswith("pixel") and v is not None else v) for k, v in visual.items()}
     return Glmv(config, dtype, remat_policy).apply(
         {"params": params}, tokens["input_ids"], tokens["position_ids"], tokens["segment"], tokens["token_types"],
-        index=tokens["index"], ranks=(tokens["image_rank"], tokens["video_rank"]), **visual)
+        index=tokens.get("index"), ranks=(tokens["image_rank"], tokens["video_rank"]), **visual)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "remat_policy", "context"))

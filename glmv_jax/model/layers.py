@@ -142,9 +142,51 @@ def _chunks(t: int, chunk: int) -> tuple[int, int]:
 Q_AXIS = 3  # the query axis of q, outputs and gradients in the head-major layout (B, K, G, T, D)
 
 
+def _prefix_blocks(t: int, chunk: int) -> list[tuple[int, int]]:
+    """Query blocks [start, stop) for attention in column order: block [a, z) needs keys [0, z) only.
+
+    At least `ceil(t / chunk)` blocks, and up to 4 of at least 128 queries so that short sequences skip
+    keys too (4 blocks compute 10/16 of the scores, 8 blocks 36/64)."""
+    n = max(-(-t // chunk), min(4, t // 128))
+    size = -(-t // max(n, 1))
+    return [(a, min(a + size, t)) for a in range(0, t, size)]
+
+
+def _prefix_columns(q_segment, start: int, stop: int):
+    """Query and key causal indices (their columns) for the query block [start, stop) and keys [0, stop)."""
+    columns = jnp.broadcast_to(jnp.arange(stop), (q_segment.shape[0], stop))
+    return columns[:, start:], columns
+
+
+def _prefix_forward(q, k, v, q_segment, kv_segment, chunk):
+    """`_chunk_forward` for causal attention in column order, each query block against its key prefix."""
+    outs, lses = [], []
+    for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
+        allowed = _allowed(q_segment[:, a:z], kv_segment[:, :z], *_prefix_columns(q_segment, a, z))
+        out, lse = _chunk_forward(q[:, :, :, a:z], k[:, :, :z], v[:, :, :z], allowed)
+        outs.append(out)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=Q_AXIS), jnp.concatenate(lses, axis=Q_AXIS)
+
+
+def _prefix_backward(q, k, v, q_segment, kv_segment, out, d_out, lse, chunk):
+    """`_chunk_backward` over the blocks of `_prefix_forward`: dq per block, dk and dv summed over the prefixes."""
+    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
+        allowed = _allowed(q_segment[:, a:z], kv_segment[:, :z], *_prefix_columns(q_segment, a, z))
+        rows = lambda x: x[:, :, :, a:z]  # noqa: E731
+        dq, dk_z, dv_z = _chunk_backward(rows(q), k[:, :, :z], v[:, :, :z], allowed, rows(out), rows(d_out),
+                                         lse[:, :, :, a:z])
+        dqs.append(dq)
+        dk, dv = dk.at[:, :, :z].add(dk_z), dv.at[:, :, :z].add(dv_z)
+    return jnp.concatenate(dqs, axis=Q_AXIS), dk, dv
+
+
 def _segment_attention_fwd(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
     t = q.shape[Q_AXIS]
-    if t <= chunk:
+    if q_index is None:
+        out, lse = _prefix_forward(q, k, v, q_segment, kv_segment, chunk)
+    elif t <= chunk:
         out, lse = _chunk_forward(q, k, v, _allowed(q_segment, kv_segment, q_index, kv_index))
     else:
         n, size = _chunks(t, chunk)
@@ -169,7 +211,9 @@ def _segment_attention_bwd(chunk, residuals, d_out):
         return (carry[0] + dk, carry[1] + dv), dq
 
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    if t <= chunk:
+    if q_index is None:
+        dq, dk, dv = _prefix_backward(q, k, v, q_segment, kv_segment, out, d_out, lse, chunk)
+    elif t <= chunk:
         (dk, dv), dq = one(zeros, (q, q_segment, q_index, out, d_out, lse))
     else:
         n, size = _chunks(t, chunk)
@@ -182,7 +226,9 @@ def _segment_attention_bwd(chunk, residuals, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _segment_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
-    """Head-major: q (B, K, G, T, D), k and v (B, K, S, D) -> (B, K, G, T, D); queries `chunk` at a time."""
+    """Head-major: q (B, K, G, T, D), k and v (B, K, S, D) -> (B, K, G, T, D); queries `chunk` at a time.
+
+    q_index = kv_index = None: causal in column order (T == S), key blocks past each query block skipped."""
     return _segment_attention_fwd(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk)[0]
 
 
@@ -190,7 +236,7 @@ _segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array, kv_segment: jax.Array,
-              q_index: jax.Array | None = None, kv_index: jax.Array | None = None,
+              q_index: jax.Array | None = None, kv_index: jax.Array | None = None, causal: bool = False,
               chunk: int | None = None) -> jax.Array:
     """Softmax attention restricted to equal segments, optionally causal, without an S x T mask in memory.
 
@@ -198,6 +244,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
     q_segment (B, T), kv_segment (B, S): a query sees a key only when their segment ids are equal and
     the key's id is non-zero (0 marks padding); a query that sees no key gets 0. If `q_index` (B, T) and
     `kv_index` (B, S) are given, the attention is causal: a query sees keys with `kv_index <= q_index`.
+    `causal=True` without indices means causal in column order (queries and keys are the same sequence,
+    T == S): then the keys past each block of queries are not computed at all (`_prefix_blocks`), which
+    skips about 3/8 of the scores' work at T = 512.
     Queries are processed at most `chunk` at a time (default: 1024, fewer for long keys so that
     chunk x S stays near 4M per head); the backward recomputes each chunk's probabilities from the
     saved log-sum-exp (flash-attention style), so neither pass holds more than chunk x S scores per
@@ -209,10 +258,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
     vision attention, 1.4x slower decoder attention).
     """
     b, t, h, d = q.shape
-    causal = q_index is not None
+    if (q_index is None) != (kv_index is None):
+        raise ValueError("give both q_index and kv_index, or neither")
+    if causal and q_index is None and k.shape[1] != t:
+        raise ValueError(f"causal attention in column order needs as many keys as queries, got {k.shape[1]} and {t}")
     if chunk is None:  # bound each chunk's scores to ~4M entries per head: chunk x S
         chunk = max(128, min(1024, (1 << 22) // max(k.shape[1], 1)))
-    if not causal:
+    if not causal and q_index is None:
         q_index = jnp.zeros((b, t), jnp.int32)
         kv_index = jnp.zeros(kv_segment.shape, jnp.int32)
 
