@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from glmv_jax.config import TextConfig
 from glmv_jax.model import rope
-from glmv_jax.model.layers import DEFAULT_INIT, RMSNorm, attention, cached_attention, dense
+from glmv_jax.model.layers import DEFAULT_INIT, DENSE_OUTPUT, RMSNorm, attention, cached_attention, dense
 from glmv_jax.parallel.context import in_mesh, sharded_attention
 from glmv_jax.parallel.mesh import constrain
 
@@ -26,7 +26,9 @@ def attend(q, k, v, *, segment, index):
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(  # matmul outputs: dense layers' and attention's
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)),
 }
 
 
