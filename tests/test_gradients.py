@@ -73,3 +73,22 @@ def test_remat_policy_saves_the_dense_outputs(tiny_pair, tmp_path, remat_policy,
     text = config.text
     gate_up = f"f32[{text.num_layers},2,{ours['input_ids'].shape[1]},2,{text.intermediate_size}]"  # (L, B, T, 2, I)
     assert (gate_up in printed.getvalue()) == saves_dense
+
+
+def test_swiglu_and_its_gradients_equal_autodiff():
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from glmv_jax.model.layers import swiglu
+
+    gate, up, d_out = (jax.random.normal(k, (3, 7, 11)) * 3 for k in jax.random.split(jax.random.key(0), 3))
+    plain = lambda g, u: nn.silu(g) * u  # noqa: E731
+    np.testing.assert_allclose(swiglu(gate, up), plain(gate, up), rtol=1e-6, atol=1e-6)
+    ours = jax.vjp(swiglu, gate, up)[1](d_out)
+    ref = jax.vjp(plain, gate, up)[1](d_out)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    half = swiglu(gate.astype(jnp.bfloat16), up.astype(jnp.bfloat16))  # f32 inside, one rounding
+    assert half.dtype == jnp.bfloat16
+    exact = plain(gate.astype(jnp.bfloat16).astype(jnp.float32), up.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(half, exact.astype(jnp.bfloat16))

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from glmv_jax.config import TextConfig
 from glmv_jax.model import rope
-from glmv_jax.model.layers import DEFAULT_INIT, DENSE_OUTPUT, RMSNorm, attention, cached_attention, dense
+from glmv_jax.model.layers import (DEFAULT_INIT, DENSE_OUTPUT, RMSNorm, attention, cached_attention, dense,
+                                   swiglu)
 from glmv_jax.parallel.context import in_mesh, sharded_attention
 from glmv_jax.parallel.mesh import constrain
 
@@ -72,7 +73,7 @@ class DecoderLayer(nn.Module):
         gate_up = dense((2, cfg.intermediate_size), ("embed", "stack", "mlp"), use_bias=False, name="gate_up",
                         param_dtype=pd)(y)
         y = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, name="down",
-                  param_dtype=pd)(gate_up[..., 1, :] * nn.silu(gate_up[..., 0, :]))
+                  param_dtype=pd)(swiglu(gate_up[..., 0, :], gate_up[..., 1, :]))
         return x + norm("post_mlp_norm")(y), (k, v)
 
 
