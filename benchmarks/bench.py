@@ -15,7 +15,9 @@ Figures, each in float32 and in bfloat16 on both sides (our params loaded as bfl
                      cache filled, last-token logits); theirs: `model(**inputs)` under no_grad, which
                      computes the logits of every token.
   train b=4          ours: jitted `train.steps.train_step` (donated state, AdamW via `make_optimizer`, no
-                     remat); theirs: forward with labels, backward, grad-norm clip, torch.optim.AdamW step.
+                     remat, decoder layers unrolled as `train.scan_layers: false` runs them; `--scan-layers`
+                     times the scanned stack); theirs: forward with labels, backward, grad-norm clip,
+                     torch.optim.AdamW step.
   decode b=1, b=8    greedy, `new_tokens` tokens, no stop token. Ours: `sample`; theirs: `generate(
                      do_sample=False, min_new_tokens=max_new_tokens)`. Decode time = generate time - the
                      prefill inside that same call; the figure is that per new token (a batch step).
@@ -59,6 +61,7 @@ class Settings:
     train_repeats: int | None = None     # default: repeats
     prefill_batches: tuple[int, ...] = (1, 4)
     train_batch: int = 4
+    scan_layers: bool = False            # ours: decoder layers unrolled in the train step (train.scan_layers)
     decode_batches: tuple[int, ...] = (1, 8)
     new_tokens: int = 128
     image_side: int = 448
@@ -310,7 +313,8 @@ class Bench:
         jbatch, inputs = self.train_batch(batch)
         jbatch = {k: jnp.asarray(v) for k, v in jbatch.items()}
         tx = make_optimizer(opt, self.params)
-        step = jax.jit(functools.partial(train_step, config=self.config, tx=tx), donate_argnums=0)
+        step = jax.jit(functools.partial(train_step, config=self.config, tx=tx, scan_layers=self.s.scan_layers),
+                       donate_argnums=0)
         holder = {"state": init_state(jax.tree.map(jnp.copy, self.params), tx)}
         start = time.perf_counter()
         compiled = step.lower(holder["state"], jbatch).compile()
@@ -579,7 +583,9 @@ def header(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     return (f"glmv bench: config {s['config']}, {m['cpus']} CPUs ({m['processor']}), torch {m['torch']} with "
             f"{m['torch_threads']} threads, transformers {m['transformers']} (attention: {s['hf_attention']}), "
-            f"jax {m['jax']}; host malloc {_malloc(m)}; medians of {s['repeats']} interleaved runs after warm-up; "
+            f"jax {m['jax']}; host malloc {_malloc(m)}; our train step's decoder layers "
+            f"{'scanned' if s.get('scan_layers') else 'unrolled'}; medians of {s['repeats']} interleaved runs after "
+            f"warm-up; "
             f"1-minute load average "
             f"{m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end (near 0: a quiet "
             f"machine; near or above the CPU count: other work shared it and the times are noisy)")
@@ -629,6 +635,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--train-repeats", type=int, default=None, help="timed train steps (default: --repeats)")
     parser.add_argument("--prefill-batch", type=int, nargs="+", default=list(Settings.prefill_batches))
     parser.add_argument("--train-batch", type=int, default=Settings.train_batch)
+    parser.add_argument("--scan-layers", action="store_true", help="our train step with the decoder layers scanned")
     parser.add_argument("--decode-batch", type=int, nargs="+", default=list(Settings.decode_batches))
     parser.add_argument("--new-tokens", type=int, default=Settings.new_tokens)
     parser.add_argument("--image-side", type=int, default=Settings.image_side)
@@ -647,7 +654,7 @@ def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = Non
     s = Settings(config=args.config, sections=tuple(x for x in args.only.split(",") if x),
                  dtypes=tuple(x for x in args.dtypes.split(",") if x), repeats=args.repeats,
                  train_repeats=args.train_repeats, prefill_batches=tuple(args.prefill_batch),
-                 train_batch=args.train_batch, decode_batches=tuple(args.decode_batch), new_tokens=args.new_tokens,
+                 train_batch=args.train_batch, scan_layers=args.scan_layers, decode_batches=tuple(args.decode_batch), new_tokens=args.new_tokens,
                  image_side=args.image_side, text_tokens=args.text_tokens, threads=args.threads)
     result = run(s, json_path=args.json, png_path=args.png)
     print(header(result))

@@ -113,7 +113,8 @@ def _program(section: str, config, params, batch: int, new_tokens: int):
         from glmv_jax.train.steps import init_state, train_step
 
         tx = make_optimizer(OptimizerConfig(learning_rate=1e-5, warmup_steps=1, total_steps=1000), params)
-        step = jax.jit(functools.partial(train_step, config=config, tx=tx))  # not donated: called repeatedly
+        step = jax.jit(functools.partial(train_step, config=config, tx=tx,  # not donated: called repeatedly
+                                         scan_layers=Settings.scan_layers))
         return step, (init_state(params, tx), {k: jnp.asarray(v) for k, v in train_inputs(inputs, config).items()})
     bench = Bench.__new__(Bench)
     bench.s, bench.config, bench.params = Settings(), config, params

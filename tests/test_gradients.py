@@ -4,7 +4,7 @@ Both sides take the mean cross entropy over a batch of image + text rows. transf
 in place of its weights and read back through our HF loader, so they land in our parameter tree by the
 same name mapping as the weights. Our dense layers and attention run custom VJPs (`layers._rounded_dot`,
 the flash-style attention backward); this is the test that holds them to the reference end to end, with
-the remat policies on and off.
+the remat policies on and off, decoder layers scanned and unrolled.
 """
 from __future__ import annotations
 
@@ -47,11 +47,12 @@ def inputs_and_reference(config, model, tmp_path):
     return ours, loss.item(), grads
 
 
-@pytest.mark.parametrize("remat_policy", ["none", "dots", "full"])
-def test_gradients_equal_reference(tiny_pair, tmp_path, remat_policy):
+@pytest.mark.parametrize("remat_policy, scan_layers", [("none", True), ("dots", True), ("full", True),
+                                                       ("none", False), ("dots", False)])
+def test_gradients_equal_reference(tiny_pair, tmp_path, remat_policy, scan_layers):
     config, model, params, _ = tiny_pair
     ours, ref_loss, ref_grads = inputs_and_reference(config, model, tmp_path)
-    loss_fn = lambda p: batch_loss(p, config, ours, remat_policy=remat_policy)[0]  # noqa: E731
+    loss_fn = lambda p: batch_loss(p, config, ours, remat_policy=remat_policy, scan_layers=scan_layers)[0]  # noqa: E731
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
     flat_ours = dict(jax.tree_util.tree_leaves_with_path(grads))

@@ -84,6 +84,7 @@ class Decoder(nn.Module):
     tie_word_embeddings: bool = False
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = True  # False: the same stacked parameters, layers unrolled (`_run_layers`)
 
     def setup(self):
         cfg = self.config
@@ -108,7 +109,11 @@ class Decoder(nn.Module):
         """x (B, T, hidden), position_ids (3, B, T), segment (B, T), index (B, T) causal order or None (the
         columns) -> (final-norm hidden (B, T, hidden), (k, v) (L, B, T, K, D))."""
         cos, sin = rope.text_cos_sin(position_ids, self.config, x.dtype)
-        x, kv = self.layers(x, cos, sin, segment, index)
+        if self.scan_layers or self.is_initializing():
+            x, kv = self.layers(x, cos, sin, segment, index)
+        else:
+            x, kv = _run_layers(self, unstack_layers(self.variables["params"]), x, cos, sin, segment, index)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *kv)
         return self.norm(x), kv
 
     def head(self, h: jax.Array) -> jax.Array:
@@ -126,25 +131,34 @@ class Decoder(nn.Module):
 
 
 def unstack_layers(decoder_params: dict) -> tuple[dict, ...]:
-    """The decoder's stacked layer parameters (leading axis L) as L per-layer trees, for inference
-    (`unrolled_hidden`, `decode_step`).
+    """The decoder's stacked layer parameters (leading axis L) as L per-layer trees, for running the layers
+    unrolled (`Decoder(scan_layers=False)`, `unrolled_hidden`, `decode_step`).
 
-    In a layer scan XLA:CPU first copies each layer's slice out of the stack (a dynamic_slice is not fused
-    into a dot there; for bf16 it even converts the whole stack to f32 and each slice back), which doubles
-    the bytes a decode step moves. Per-layer buffers are read in place. Costs one extra copy of the layer
-    weights while they are alive.
+    A split, whose gradient is one concatenate back into the stack. In a layer scan XLA:CPU copies each
+    layer's slice out of the stack (a dynamic_slice is not fused into a dot there; for bf16 it converts the
+    whole stack to f32 and each slice back), and stacks bf16 activations for the backward by converting
+    the whole stack to f32 and back at every layer. Per-layer buffers are read and written in place.
     """
     layers = decoder_params["layers"]
-    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(jax.tree.leaves(layers)[0].shape[0]))
+    n = jax.tree.leaves(layers)[0].shape[0]
+    split = jax.tree.map(lambda a: [part[0] for part in jnp.split(a, n)], layers)
+    return tuple(jax.tree.map(lambda parts, i=i: parts[i], split, is_leaf=lambda x: isinstance(x, list))
+                 for i in range(n))
 
 
 def _run_layers(decoder: Decoder, layers: tuple[dict, ...], x, cos, sin, segment, index, kv=None, kv_meta=None):
-    """x through every layer, unrolled over per-layer weights; returns x and each layer's (k, v)."""
-    layer = DecoderLayer(decoder.config, decoder.param_dtype)
+    """x through every layer, unrolled over per-layer weights (rematerialised per `decoder.remat_policy`);
+    returns x and each layer's (k, v)."""
+    layer = DecoderLayer(decoder.config, decoder.param_dtype, parent=None)
+
+    def run(weights, x, caches):
+        return layer.apply({"params": weights}, x, cos, sin, segment, index, caches, kv_meta)
+
+    if decoder.remat_policy != "none":
+        run = jax.checkpoint(run, policy=REMAT_POLICIES[decoder.remat_policy], prevent_cse=False)
     written = []
     for i, weights in enumerate(layers):
-        x, caches = layer.apply({"params": weights}, x, cos, sin, segment, index,
-                                None if kv is None else kv[i], kv_meta)
+        x, caches = run(weights, x, None if kv is None else kv[i])
         written.append(caches)
     return x, tuple(written)
 

@@ -30,12 +30,14 @@ class Glmv(nn.Module):
     config: GlmvConfig
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = True  # decoder layers in a scan (compile time independent of depth) or unrolled
 
     def setup(self):
         cfg = self.config
         self.vision = VisionTower(cfg.vision, self.param_dtype, remat=self.remat_policy != "none")
         self.projector = Projector(cfg.vision, self.param_dtype)
-        self.decoder = Decoder(cfg.text, cfg.tie_word_embeddings, self.param_dtype, self.remat_policy)
+        self.decoder = Decoder(cfg.text, cfg.tie_word_embeddings, self.param_dtype, self.remat_policy,
+                               self.scan_layers)
 
     def encode_visual(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
         """pixel_values (N, patch_dim) or framed (F, W, patch_dim) (see `vision`), grid_thw (G, 3) -> merged
@@ -102,11 +104,12 @@ def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, p
     return {**tokens, "order": jnp.asarray(order)}
 
 
-def apply(params, config: GlmvConfig, tokens: dict, visual: dict, remat_policy: str = "none") -> jax.Array:
+def apply(params, config: GlmvConfig, tokens: dict, visual: dict, remat_policy: str = "none",
+          scan_layers: bool = True) -> jax.Array:
     """Logits (B, T, V) in the order of `tokens` (see `token_inputs`); visual = pixel values and grids."""
     dtype = params_dtype(params)
     visual = {k: (v.astype(dtype) if k.startswith("pixel") and v is not None else v) for k, v in visual.items()}
-    return Glmv(config, dtype, remat_policy).apply(
+    return Glmv(config, dtype, remat_policy, scan_layers).apply(
         {"params": params}, tokens["input_ids"], tokens["position_ids"], tokens["segment"], tokens["token_types"],
         index=tokens.get("index"), ranks=(tokens["image_rank"], tokens["video_rank"]), **visual)
 

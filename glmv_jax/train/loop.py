@@ -143,11 +143,12 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(s)) for k, s in BATCH_SPECS.items()}
     train_fn = jax.jit(
         functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
-                          remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype),
+                          remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype,
+                          scan_layers=cfg.train.scan_layers),
         in_shardings=(step_shardings, batch_shardings), out_shardings=(step_shardings, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(lambda params, batch: batch_loss(params, model, batch, context=mesh.shape["context"],
-                                                       compute_dtype=compute_dtype),
+                                                       compute_dtype=compute_dtype, scan_layers=cfg.train.scan_layers),
                       in_shardings=(param_shardings, batch_shardings), out_shardings=(replicated, replicated))
     learning_rate = schedule(cfg.optimizer)
 
