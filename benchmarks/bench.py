@@ -654,7 +654,8 @@ def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = Non
     s = Settings(config=args.config, sections=tuple(x for x in args.only.split(",") if x),
                  dtypes=tuple(x for x in args.dtypes.split(",") if x), repeats=args.repeats,
                  train_repeats=args.train_repeats, prefill_batches=tuple(args.prefill_batch),
-                 train_batch=args.train_batch, scan_layers=args.scan_layers, decode_batches=tuple(args.decode_batch), new_tokens=args.new_tokens,
+                 train_batch=args.train_batch, scan_layers=args.scan_layers,
+                 decode_batches=tuple(args.decode_batch), new_tokens=args.new_tokens,
                  image_side=args.image_side, text_tokens=args.text_tokens, threads=args.threads)
     result = run(s, json_path=args.json, png_path=args.png)
     print(header(result))

@@ -1,8 +1,9 @@
 """The attention core against a plain dense-mask softmax differentiated by JAX: outputs and gradients.
 
-`layers.attention` runs its own custom VJP (flash-style, query chunks, head-major layout); the model parity
-tests exercise only its forward. Here: grouped-query heads, segments with padding, causal (by indices, or in
-column order with key blocks skipped) and not, one chunk and several uneven chunks. `cached_attention` (decode) against the same reference on cache slots.
+`layers.attention` runs its own custom VJP (flash-style, query chunks, head-major layout); tests/test_gradients.py
+holds it to transformers inside the whole model. Here: grouped-query heads, segments with padding, causal (by
+indices, or in column order with key blocks skipped) and not, one chunk and several uneven chunks.
+`cached_attention` (decode) against the same reference on cache slots.
 """
 from __future__ import annotations
 
@@ -74,3 +75,22 @@ def test_column_order_needs_as_many_keys_as_queries():
     with pytest.raises(ValueError, match="as many keys as queries"):
         attention(q, k[:, :-1], v[:, :-1], q_segment=masks["q_segment"], kv_segment=masks["kv_segment"][:, :-1],
                   causal=True)
+
+
+def test_column_order_with_long_blocks_runs_each_block_in_chunks():
+    """41 queries in chunks of 2: 16 prefix blocks (the most) of 3 queries, each run 2 queries at a time."""
+    t = 41
+    keys = jax.random.split(jax.random.key(5), 4)
+    q, k, v = (jax.random.normal(key, (B, t, h, D)) for key, h in zip(keys, (H, K, K)))
+    segment = jnp.array([[1] * 20 + [2] * 19 + [0] * 2, [0] * 5 + [1] * 36])
+    columns = jnp.arange(t)
+    allowed = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] != 0)
+               & (columns[None, None, :] <= columns[None, :, None]))
+    cotangent = jax.random.normal(keys[3], (B, t, H, D))
+    ours = lambda *a: jnp.vdot(attention(*a, q_segment=segment, kv_segment=segment, causal=True, chunk=2),  # noqa: E731
+                               cotangent)
+    theirs = lambda *a: jnp.vdot(reference(*a, allowed), cotangent)  # noqa: E731
+    np.testing.assert_allclose(attention(q, k, v, q_segment=segment, kv_segment=segment, causal=True, chunk=2),
+                               reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    for g_ours, g_ref in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(theirs, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_ours, g_ref, atol=1e-5, rtol=1e-5)

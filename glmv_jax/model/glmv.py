@@ -83,8 +83,8 @@ def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, p
 
     segment_ids (B, T): 1 (or 1..k for packed examples) on real tokens, 0 on padding. Returns
     input_ids, segment, token_types, position_ids (3, B, T), ranks, `order` (the permutation applied; undo
-    with `jnp.argsort(order)`) and, if reordered (context > 1), index (each token's original column). `extra` per-token (B, T)
-    arrays (e.g. targets, loss_mask) are returned under their names, reordered alike.
+    with `jnp.argsort(order)`) and, if reordered (context > 1), index (each token's original column).
+    `extra` per-token (B, T) arrays (e.g. targets, loss_mask) are returned under their names, reordered alike.
     """
     from glmv_jax.parallel.context import balanced_order, reorder
 

@@ -212,67 +212,23 @@ def _chunks(t: int, chunk: int) -> tuple[int, int]:
 Q_AXIS = 3  # the query axis of q, outputs and gradients in the head-major layout (B, K, G, T, D)
 
 
-def _prefix_blocks(t: int, chunk: int) -> list[tuple[int, int]]:
-    """Query blocks [start, stop) for attention in column order: block [a, z) needs keys [0, z) only.
-
-    At least `ceil(t / chunk)` blocks, and up to 4 of at least 128 queries so that short sequences skip
-    keys too (4 blocks compute 10/16 of the scores, 8 blocks 36/64)."""
-    n = max(-(-t // chunk), min(4, t // 128))
-    size = -(-t // max(n, 1))
-    return [(a, min(a + size, t)) for a in range(0, t, size)]
-
-
-def _prefix_columns(q_segment, start: int, stop: int):
-    """Query and key causal indices (their columns) for the query block [start, stop) and keys [0, stop)."""
-    columns = jnp.broadcast_to(jnp.arange(stop), (q_segment.shape[0], stop))
-    return columns[:, start:], columns
-
-
-def _prefix_forward(q, k, v, q_segment, kv_segment, chunk):
-    """`_chunk_forward` for causal attention in column order, each query block against its key prefix."""
-    outs, lses = [], []
-    for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
-        allowed = _allowed(q_segment[:, a:z], kv_segment[:, :z], *_prefix_columns(q_segment, a, z))
-        out, lse = _chunk_forward(q[:, :, :, a:z], k[:, :, :z], v[:, :, :z], allowed)
-        outs.append(out)
-        lses.append(lse)
-    return jnp.concatenate(outs, axis=Q_AXIS), jnp.concatenate(lses, axis=Q_AXIS)
-
-
-def _prefix_backward(q, k, v, q_segment, kv_segment, out, d_out, lse, chunk):
-    """`_chunk_backward` over the blocks of `_prefix_forward`: dq per block, dk and dv summed over the prefixes."""
-    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
-        allowed = _allowed(q_segment[:, a:z], kv_segment[:, :z], *_prefix_columns(q_segment, a, z))
-        rows = lambda x: x[:, :, :, a:z]  # noqa: E731
-        dq, dk_z, dv_z = _chunk_backward(rows(q), k[:, :, :z], v[:, :, :z], allowed, rows(out), rows(d_out),
-                                         lse[:, :, :, a:z])
-        dqs.append(dq)
-        dk, dv = dk.at[:, :, :z].add(dk_z), dv.at[:, :, :z].add(dv_z)
-    return jnp.concatenate(dqs, axis=Q_AXIS), dk, dv
-
-
-def _segment_attention_fwd(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
+def _chunked_forward(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
+    """`_chunk_forward` over all queries, at most `chunk` at a time (a `lax.map` over query chunks)."""
     t = q.shape[Q_AXIS]
-    if q_index is None:
-        out, lse = _prefix_forward(q, k, v, q_segment, kv_segment, chunk)
-    elif t <= chunk:
-        out, lse = _chunk_forward(q, k, v, _allowed(q_segment, kv_segment, q_index, kv_index))
-    else:
-        n, size = _chunks(t, chunk)
+    if t <= chunk:
+        return _chunk_forward(q, k, v, _allowed(q_segment, kv_segment, q_index, kv_index))
+    n, size = _chunks(t, chunk)
 
-        def one(xs):
-            qc, qs, qi = xs
-            return _chunk_forward(qc, k, v, _allowed(qs, kv_segment, qi, kv_index))
+    def one(xs):
+        qc, qs, qi = xs
+        return _chunk_forward(qc, k, v, _allowed(qs, kv_segment, qi, kv_index))
 
-        out, lse = jax.lax.map(one, (_split(q, n, size, Q_AXIS), _split(q_segment, n, size),
-                                     _split(q_index, n, size)))
-        out, lse = _merge(out, t, Q_AXIS), _merge(lse, t, Q_AXIS)
-    return out, (q, k, v, q_segment, kv_segment, q_index, kv_index, out, lse)
+    out, lse = jax.lax.map(one, (_split(q, n, size, Q_AXIS), _split(q_segment, n, size), _split(q_index, n, size)))
+    return _merge(out, t, Q_AXIS), _merge(lse, t, Q_AXIS)
 
 
-def _segment_attention_bwd(chunk, residuals, d_out):
-    q, k, v, q_segment, kv_segment, q_index, kv_index, out, lse = residuals
+def _chunked_backward(q, k, v, q_segment, kv_segment, q_index, kv_index, out, d_out, lse, chunk):
+    """`_chunk_backward` over all queries, `chunk` at a time: dq, and dk, dv summed over the chunks (float32)."""
     t = q.shape[Q_AXIS]
 
     def one(carry, xs):
@@ -281,16 +237,66 @@ def _segment_attention_bwd(chunk, residuals, d_out):
         return (carry[0] + dk, carry[1] + dv), dq
 
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if t <= chunk:
+        (dk, dv), dq = one(zeros, (q, q_segment, q_index, out, d_out, lse))
+        return dq, dk, dv
+    n, size = _chunks(t, chunk)
+    axes = (Q_AXIS, 1, 1, Q_AXIS, Q_AXIS, Q_AXIS)
+    xs = tuple(_split(x, n, size, a) for x, a in zip((q, q_segment, q_index, out, d_out, lse), axes))
+    (dk, dv), dq = jax.lax.scan(one, zeros, xs)
+    return _merge(dq, t, Q_AXIS), dk, dv
+
+
+def _prefix_blocks(t: int, chunk: int) -> list[tuple[int, int]]:
+    """Query blocks [start, stop) for causal attention in column order: block [a, z) needs keys [0, z) only.
+
+    One block per `chunk` queries, at least 4 blocks of at least 128 queries (short sequences skip keys
+    too), at most 16 (each block is its own piece of program; longer blocks run `chunk` queries at a time).
+    n blocks compute (n + 1) / 2n of the scores: 10/16 for 4, 17/32 for 16."""
+    n = min(16, max(-(-t // chunk), min(4, t // 128), 1))
+    size = -(-t // n)
+    return [(a, min(a + size, t)) for a in range(0, t, size)]
+
+
+def _prefix_forward(q, k, v, q_segment, kv_segment, chunk):
+    """`_chunked_forward` for causal attention in column order, each query block against its key prefix."""
+    outs, lses = [], []
+    for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
+        columns = jnp.broadcast_to(jnp.arange(z), (q.shape[0], z))
+        out, lse = _chunked_forward(q[:, :, :, a:z], k[:, :, :z], v[:, :, :z], q_segment[:, a:z], kv_segment[:, :z],
+                                    columns[:, a:], columns, chunk)
+        outs.append(out)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=Q_AXIS), jnp.concatenate(lses, axis=Q_AXIS)
+
+
+def _prefix_backward(q, k, v, q_segment, kv_segment, out, d_out, lse, chunk):
+    """`_chunked_backward` over the blocks of `_prefix_forward`: dq per block, dk and dv summed over the prefixes."""
+    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
+        columns = jnp.broadcast_to(jnp.arange(z), (q.shape[0], z))
+        rows = lambda x: x[:, :, :, a:z]  # noqa: E731
+        dq, dk_z, dv_z = _chunked_backward(rows(q), k[:, :, :z], v[:, :, :z], q_segment[:, a:z], kv_segment[:, :z],
+                                           columns[:, a:], columns, rows(out), rows(d_out), rows(lse), chunk)
+        dqs.append(dq)
+        dk, dv = dk.at[:, :, :z].add(dk_z), dv.at[:, :, :z].add(dv_z)
+    return jnp.concatenate(dqs, axis=Q_AXIS), dk, dv
+
+
+def _segment_attention_fwd(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
+    if q_index is None:
+        out, lse = _prefix_forward(q, k, v, q_segment, kv_segment, chunk)
+    else:
+        out, lse = _chunked_forward(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk)
+    return out, (q, k, v, q_segment, kv_segment, q_index, kv_index, out, lse)
+
+
+def _segment_attention_bwd(chunk, residuals, d_out):
+    q, k, v, q_segment, kv_segment, q_index, kv_index, out, lse = residuals
     if q_index is None:
         dq, dk, dv = _prefix_backward(q, k, v, q_segment, kv_segment, out, d_out, lse, chunk)
-    elif t <= chunk:
-        (dk, dv), dq = one(zeros, (q, q_segment, q_index, out, d_out, lse))
     else:
-        n, size = _chunks(t, chunk)
-        axes = (Q_AXIS, 1, 1, Q_AXIS, Q_AXIS, Q_AXIS)
-        xs = tuple(_split(x, n, size, a) for x, a in zip((q, q_segment, q_index, out, d_out, lse), axes))
-        (dk, dv), dq = jax.lax.scan(one, zeros, xs)
-        dq = _merge(dq, t, Q_AXIS)
+        dq, dk, dv = _chunked_backward(q, k, v, q_segment, kv_segment, q_index, kv_index, out, d_out, lse, chunk)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
