@@ -20,7 +20,7 @@ import numpy as np
 from glmv_jax.config import GlmvConfig
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
-from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, unrolled_hidden, unstack_layers
+from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, fuse_qkv, unrolled_hidden, unstack_layers
 from glmv_jax.model.glmv import Glmv, params_dtype
 from glmv_jax.shapes import bucket, round_up
 from glmv_jax.train.losses import token_log_probs
@@ -114,7 +114,7 @@ def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, 
                                   cast(pixel_values_videos), video_grid_thw)
 
     x = Glmv(config, dtype).apply({"params": params}, method=embed)
-    text, layers = _text_model(config, dtype), unstack_layers(params["decoder"])
+    text, layers = _text_model(config, dtype), tuple(map(fuse_qkv, unstack_layers(params["decoder"])))
     h, kv = unrolled_hidden(text, params["decoder"], layers, x, position_ids, attention_mask, None)
     # The last two positions, not one: XLA:CPU runs a one-row bf16 matmul by converting the whole
     # (hidden, vocab) lm_head to f32 first (24 ms for `small`, against 1.6 ms for two rows).

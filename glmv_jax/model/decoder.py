@@ -53,12 +53,17 @@ class DecoderLayer(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name=name)  # noqa: E731
         x = constrain(x, ("batch", "length", "act_embed"))
         y = norm("input_norm")(x)
-        q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=True, name="q",
-                  param_dtype=pd)(y)
-        k = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k",
-                  param_dtype=pd)(y)
-        v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v",
-                  param_dtype=pd)(y)
+        if self.has_variable("params", "qkv"):  # inference weights from `fuse_qkv`: one matmul
+            heads = (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads)
+            q, k, v = jnp.split(dense((heads[1] + cfg.num_kv_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                                      use_bias=True, name="qkv", param_dtype=pd)(y), heads, axis=-2)
+        else:
+            q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=True, name="q",
+                      param_dtype=pd)(y)
+            k = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k",
+                      param_dtype=pd)(y)
+            v = dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v",
+                      param_dtype=pd)(y)
         q, k = rope.apply_text_rope(q, cos, sin), rope.apply_text_rope(k, cos, sin)
         if kv is None:
             out = attend(q, k, v, segment=segment, index=index)
@@ -144,6 +149,14 @@ def unstack_layers(decoder_params: dict) -> tuple[dict, ...]:
     split = jax.tree.map(lambda a: [part[0] for part in jnp.split(a, n)], layers)
     return tuple(jax.tree.map(lambda parts, i=i: parts[i], split, is_leaf=lambda x: isinstance(x, list))
                  for i in range(n))
+
+
+def fuse_qkv(layer: dict) -> dict:
+    """One layer's parameters with the q, k and v projections as one "qkv" (kernel (hidden, H + 2K, D)):
+    one matmul reads the three weights in a decode step instead of three."""
+    parts = [layer[name] for name in ("q", "k", "v")]
+    fused = {key: jnp.concatenate([p[key] for p in parts], axis=-2) for key in ("kernel", "bias")}
+    return {**{k: v for k, v in layer.items() if k not in ("q", "k", "v")}, "qkv": fused}
 
 
 def _run_layers(decoder: Decoder, layers: tuple[dict, ...], x, cos, sin, segment, index, kv=None, kv_meta=None):
