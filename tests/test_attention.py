@@ -78,7 +78,7 @@ def test_column_order_needs_as_many_keys_as_queries():
 
 
 def test_column_order_with_long_blocks_runs_each_block_in_chunks():
-    """41 queries in chunks of 2: 16 prefix blocks (the most) of 3 queries, each run 2 queries at a time."""
+    """41 queries in chunks of 2: the cap of 16 blocks gives blocks of 3 queries (14 of them), each run 2 at a time."""
     t = 41
     keys = jax.random.split(jax.random.key(5), 4)
     q, k, v = (jax.random.normal(key, (B, t, h, D)) for key, h in zip(keys, (H, K, K)))
