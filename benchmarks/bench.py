@@ -585,10 +585,9 @@ def header(result: dict) -> str:
             f"{m['torch_threads']} threads, transformers {m['transformers']} (attention: {s['hf_attention']}), "
             f"jax {m['jax']}; host malloc {_malloc(m)}; our train step's decoder layers "
             f"{'scanned' if s.get('scan_layers') else 'unrolled'}; medians of {s['repeats']} interleaved runs after "
-            f"warm-up; "
-            f"1-minute load average "
-            f"{m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end (near 0: a quiet "
-            f"machine; near or above the CPU count: other work shared it and the times are noisy)")
+            f"warm-up; 1-minute load average {m['load_average_start'][0]:.2f} at start, "
+            f"{m['load_average_end'][0]:.2f} at end (near 0: a quiet machine; near or above the CPU count: other "
+            f"work shared it and the times are noisy)")
 
 
 def _malloc(machine: dict) -> str:

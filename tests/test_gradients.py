@@ -25,7 +25,11 @@ from reference import Prompt, batch, relative_error, save_hf
 MODEL_TOL = 1e-4
 
 
-def inputs_and_reference(config, model, tmp_path):
+@pytest.fixture(scope="module")
+def reference_grads(tiny_pair, tmp_path_factory):
+    """(our training batch, transformers' loss, its gradients in our parameter tree) on two image + text rows."""
+    config, model, _, _ = tiny_pair
+    tmp_path = tmp_path_factory.mktemp("hf_grads")
     prompts = [Prompt(config, seed).text(5).image(4, 6).text(4) for seed in (1, 2)]  # equal lengths: no padding
     inputs = batch(config, prompts)
     ids = inputs["input_ids"]
@@ -49,9 +53,9 @@ def inputs_and_reference(config, model, tmp_path):
 
 @pytest.mark.parametrize("remat_policy, scan_layers", [("none", True), ("dots", True), ("full", True),
                                                        ("none", False), ("dots", False)])
-def test_gradients_equal_reference(tiny_pair, tmp_path, remat_policy, scan_layers):
-    config, model, params, _ = tiny_pair
-    ours, ref_loss, ref_grads = inputs_and_reference(config, model, tmp_path)
+def test_gradients_equal_reference(tiny_pair, reference_grads, remat_policy, scan_layers):
+    config, _, params, _ = tiny_pair
+    ours, ref_loss, ref_grads = reference_grads
     loss_fn = lambda p: batch_loss(p, config, ours, remat_policy=remat_policy, scan_layers=scan_layers)[0]  # noqa: E731
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
@@ -63,16 +67,17 @@ def test_gradients_equal_reference(tiny_pair, tmp_path, remat_policy, scan_layer
 
 
 @pytest.mark.parametrize("remat_policy, saves_dense", [("dots", True), ("full", False)])
-def test_remat_policy_saves_the_dense_outputs(tiny_pair, tmp_path, remat_policy, saves_dense):
+def test_remat_policy_saves_the_dense_outputs(tiny_pair, reference_grads, remat_policy, saves_dense):
     """"dots" keeps the decoder layers' matmul outputs for the backward (dense layers run a custom-VJP
     matmul, which the stock dot policy does not see; they are saved by name); "full" keeps none."""
-    config, model, params, _ = tiny_pair
-    ours, _, _ = inputs_and_reference(config, model, tmp_path)
+    config, _, params, _ = tiny_pair
+    ours = reference_grads[0]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         print_saved_residuals(lambda p: batch_loss(p, config, ours, remat_policy=remat_policy)[0], params)
     text = config.text
-    gate_up = f"f32[{text.num_layers},2,{ours['input_ids'].shape[1]},2,{text.intermediate_size}]"  # (L, B, T, 2, I)
+    b, t = ours["input_ids"].shape
+    gate_up = f"f32[{text.num_layers},{b},{t},2,{text.intermediate_size}]"  # (L, B, T, 2, I)
     assert (gate_up in printed.getvalue()) == saves_dense
 
 

@@ -105,7 +105,8 @@ def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, 
             image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int):
     """Run the prompt (B, T). Returns the last position's logits (B, V) float32; per layer, (k, v) caches of
     cache_size slots in `decoder.cache_layout` (what `decoder.decode_step` reads and writes); and the
-    decoder's per-layer weights (`decoder.unstack_layers`), which this pass and the decode steps run on."""
+    decoder's per-layer weights (`decoder.unstack_layers`, q/k/v fused by `decoder.fuse_qkv`), which this
+    pass and the decode steps run on."""
     dtype = params_dtype(params)
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
 

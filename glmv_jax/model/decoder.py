@@ -54,9 +54,10 @@ class DecoderLayer(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         y = norm("input_norm")(x)
         if self.has_variable("params", "qkv"):  # inference weights from `fuse_qkv`: one matmul
-            heads = (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads)
-            q, k, v = jnp.split(dense((heads[1] + cfg.num_kv_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-                                      use_bias=True, name="qkv", param_dtype=pd)(y), heads, axis=-2)
+            h, kv_h = cfg.num_heads, cfg.num_kv_heads
+            qkv = dense((h + 2 * kv_h, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=True, name="qkv",
+                        param_dtype=pd)(y)
+            q, k, v = jnp.split(qkv, (h, h + kv_h), axis=-2)
         else:
             q = dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=True, name="q",
                       param_dtype=pd)(y)
@@ -144,19 +145,18 @@ def unstack_layers(decoder_params: dict) -> tuple[dict, ...]:
     whole stack to f32 and each slice back), and stacks bf16 activations for the backward by converting
     the whole stack to f32 and back at every layer. Per-layer buffers are read and written in place.
     """
-    layers = decoder_params["layers"]
-    n = jax.tree.leaves(layers)[0].shape[0]
-    split = jax.tree.map(lambda a: [part[0] for part in jnp.split(a, n)], layers)
-    return tuple(jax.tree.map(lambda parts, i=i: parts[i], split, is_leaf=lambda x: isinstance(x, list))
-                 for i in range(n))
+    leaves, tree = jax.tree.flatten(decoder_params["layers"])
+    n = leaves[0].shape[0]
+    parts = [jnp.split(leaf, n) for leaf in leaves]
+    return tuple(tree.unflatten([p[i][0] for p in parts]) for i in range(n))
 
 
 def fuse_qkv(layer: dict) -> dict:
     """One layer's parameters with the q, k and v projections as one "qkv" (kernel (hidden, H + 2K, D)):
     one matmul reads the three weights in a decode step instead of three."""
-    parts = [layer[name] for name in ("q", "k", "v")]
-    fused = {key: jnp.concatenate([p[key] for p in parts], axis=-2) for key in ("kernel", "bias")}
-    return {**{k: v for k, v in layer.items() if k not in ("q", "k", "v")}, "qkv": fused}
+    projections = ("q", "k", "v")
+    fused = {key: jnp.concatenate([layer[name][key] for name in projections], axis=-2) for key in ("kernel", "bias")}
+    return {**{name: p for name, p in layer.items() if name not in projections}, "qkv": fused}
 
 
 def _run_layers(decoder: Decoder, layers: tuple[dict, ...], x, cos, sin, segment, index, kv=None, kv_meta=None):
