@@ -15,11 +15,9 @@ from typing import Any
 
 import yaml
 
+from glmv_jax.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a GLM-4.1V model."""
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,10 @@ import numpy as np
 
 from glmv_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 from glmv_jax.config import GlmvConfig, from_hf_dict, to_hf_dict
+from glmv_jax.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """An HF folder that cannot be read as a GLM-4.1V checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+from glmv_jax.errors import CheckpointError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -23,7 +24,7 @@ NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(CheckpointError):
     """A safetensors file that is malformed, truncated or not what was expected."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from glmv_jax.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("params", "train", "data")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CheckpointError):
     """A checkpoint whose trees or shapes do not match what this run restores into."""
 
 

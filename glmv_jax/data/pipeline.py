@@ -65,6 +65,7 @@ from PIL import Image, ImageOps
 from glmv_jax.data import chat
 from glmv_jax.data.processor import ImageProcessor, ProcessorError, load_image
 from glmv_jax.shapes import bucket, pow2, round_up
+from glmv_jax.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ BATCH_KEYS = ("input_ids", "segment_ids", "mm_token_type_ids", "targets", "loss_
 RECORD_KEYS = ("input_ids", "mm_token_type_ids", "loss_mask", "pixel_values", "image_grid_thw")
 
 
-class SkipExample(ValueError):
+class SkipExample(DataError):
     """An example that cannot become a training record; ``reason`` is the counter it is filed under."""
 
     def __init__(self, reason: str, message: str = ""):

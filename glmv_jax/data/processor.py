@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from glmv_jax.errors import DataError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ProcessorError(ValueError):
+class ProcessorError(DataError):
     """An input the processors cannot turn into patch rows (missing or corrupt file, bad size...)."""
 
 

@@ -9,10 +9,7 @@ import numpy as np
 
 from glmv_jax.config import GlmvConfig, VisionConfig
 from glmv_jax.shapes import bucket, pow2, round_up
-
-
-class InputError(ValueError):
-    """Model inputs that do not fit together."""
+from glmv_jax.errors import InputError
 
 
 def _count_types(config: GlmvConfig, ids: np.ndarray, mask: np.ndarray, types: np.ndarray | None) -> np.ndarray:

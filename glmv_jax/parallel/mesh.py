@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from glmv_jax.errors import MeshError
 
 AXES = ("data", "fsdp", "context", "tensor")
 BATCH = ("data", "fsdp")
@@ -36,10 +37,6 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "act_kv_heads": ("tensor",),
     "act_vocab": ("tensor",),
 }
-
-
-class MeshError(ValueError):
-    """A mesh or a shape that cannot be sharded as asked."""
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, context: int = 1, tensor: int = 1, *, devices=None) -> jax.sharding.Mesh:

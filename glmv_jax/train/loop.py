@@ -42,13 +42,14 @@ from glmv_jax.train import sources as sources_lib
 from glmv_jax.train.config import TrainConfig, check_model_tokenizer, load_train_config, model_for_tokenizer
 from glmv_jax.train.metrics import MetricsWriter, Progress, read_jsonl
 from glmv_jax.train.optimizer import make_optimizer, schedule
+from glmv_jax.errors import GlmvError
 
 TOKEN_KEYS = ("input_ids", "segment_ids", "mm_token_type_ids", "targets", "loss_mask")
 BATCH_SPECS: dict[str, tuple] = {**{k: ("batch", "length") for k in TOKEN_KEYS},
                                  "pixel_values": ("patches", None), "image_grid_thw": (None, None)}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(GlmvError, RuntimeError):
     """The loss or the gradient norm of a step is not finite."""
 
     def __init__(self, message: str, step: int):
