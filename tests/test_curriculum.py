@@ -81,6 +81,21 @@ def test_weights_hand_computed():
     assert w[ids.index("b-0")] == pytest.approx(0.25 * (0.5 / 0.55) / 50)
 
 
+def test_tier_weights_apply_per_prompt():
+    """A prompt's draw chance is its tier weight over the domain's total: a tier with few members does not hand
+    each of them the tier's whole share (the bug: the first prompts seen online, alone in the easy and hard
+    tiers, were re-drawn again and again)."""
+    ids = ["hard"] + [f"m{j}" for j in range(99)] + ["easy0", "easy1"]
+    cur = Curriculum.from_pass_at_k(ids, ["d"] * len(ids), [0.125] + [0.5] * 99 + [0.875] * 2, k=8)
+    w = dict(zip(cur.ids, cur.weights()))
+    total = 0.2 + 99 * 0.5 + 2 * 0.2
+    assert w["hard"] == pytest.approx(0.2 / total) and w["m0"] == pytest.approx(0.5 / total)
+    assert w["easy0"] == pytest.approx(0.2 / total) and sum(w.values()) == pytest.approx(1.0)
+    assert w["hard"] < w["m0"]  # per tier (0.2 / 0.9 to the one hard prompt) it was 50 times the medium ones'
+    only_zero = Curriculum.from_pass_at_k(["x", "y"], ["d", "d"], [1.0, 1.0], k=8, tier_weights=(0, 1, 1, 1, 1))
+    np.testing.assert_allclose(only_zero.weights(), [0.5, 0.5])  # only zero-weight tiers: uniform
+
+
 def test_sampling_favours_middle_tiers_and_keeps_the_domain_mix():
     cur = _curriculum()
     rng = np.random.default_rng(0)

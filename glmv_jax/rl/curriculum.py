@@ -17,8 +17,11 @@ Tiers [paper: "very easy" .. "very hard"; thresholds ours, recipe section 3.2]
     easy) and one solved 0/8 at 0.1 (very hard).
 
 Sampling [paper: down-sample too easy and too hard, up-sample the middle, keep the domain proportions]
-    Within each domain the tiers get the shares :data:`TIER_WEIGHTS` = (0.05, 0.2, 0.5, 0.2, 0.05) [ours],
-    renormalised over the tiers that are non-empty in that domain, split evenly over the tier's examples.
+    Within each domain every example is drawn in proportion to its tier's weight in :data:`TIER_WEIGHTS` =
+    (0.05, 0.2, 0.5, 0.2, 0.05) [ours]: a medium prompt is 10x as likely as a very easy one, whatever the
+    tiers' sizes. (The weights are per prompt, not per tier: a tier's fixed share split over its few members
+    gave the first prompts seen online, alone in their tiers, huge draw chances and re-drew them again and
+    again.)
     Domains keep their proportions (``domain_weights``, default: their share of the examples) exactly:
     :meth:`Curriculum.sample` allocates ``n * share`` draws per domain (the fractional remainders by a
     weighted draw), then draws examples without replacement inside each domain (with replacement only when a
@@ -261,23 +264,16 @@ class Curriculum:
         return {d: raw[d] / total for d in present}
 
     def weights(self) -> np.ndarray:
-        """Sampling probability of every example (in id order; sums to 1): the domain share times the tier share
-        (renormalised over the domain's non-empty tiers) divided by the number of examples in that tier."""
+        """Sampling probability of every example (in id order; sums to 1): the domain share times the example's
+        tier weight, normalised over the domain's examples."""
         w = np.zeros(len(self._ids))
         if not self._ids:
             return w
-        t = self.tiers()
-        tw = np.asarray(self.tier_weights)
-        by_domain = self._domain_index()
+        per_example = np.asarray(self.tier_weights)[self.tiers()]
         for d, share in self._domain_shares().items():
-            idx = by_domain[d]
-            counts = np.bincount(t[idx], minlength=len(TIER_NAMES))
-            mass = np.where(counts > 0, tw, 0.0)
-            if mass.sum() <= 0:  # only zero-weight tiers present: fall back to uniform within the domain
-                w[idx] = share / len(idx)
-                continue
-            mass = mass / mass.sum()
-            w[idx] = share * mass[t[idx]] / counts[t[idx]]
+            idx = self._domain_index()[d]
+            mass = per_example[idx]
+            w[idx] = share * (mass / mass.sum() if mass.sum() > 0 else np.full(len(idx), 1.0 / len(idx)))
         return w
 
     def sample(self, n: int, rng: np.random.Generator) -> list:
