@@ -7,6 +7,8 @@ parser, and the reward workers) import no jax.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 # public name -> the module that defines it
 _LAZY = {
@@ -22,6 +24,19 @@ _LAZY = {
 
 __all__ = ["GlmvConfig", "SamplingConfig", "TextConfig", "VisionConfig", "forward", "generate", "get_rope_index",
            "init_params", "load_config", "load_hf_checkpoint", "make_mesh", "sample", "save_hf_checkpoint"]
+
+
+class _Package(types.ModuleType):
+    """`glmv_jax.generate` is both a subpackage and a function of the API; as with the eager imports before, the
+    function wins: importing the subpackage does not bind it over the public name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
