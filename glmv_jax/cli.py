@@ -147,18 +147,19 @@ def _train(args: argparse.Namespace) -> int:
     return loop.main(args.config, args.workdir, args.overrides)
 
 
-def _bench_module():
-    """benchmarks.bench: installed with the package, else from the source checkout next to glmv_jax (None if absent)."""
+def _bench_module(name: str = "bench"):
+    """benchmarks.<name>: installed with the package, else from the source checkout next to glmv_jax (None if
+    absent)."""
+    import importlib
     try:
-        from benchmarks import bench
+        return importlib.import_module(f"benchmarks.{name}")
     except ImportError:
         from pathlib import Path
         root = Path(__file__).resolve().parent.parent
-        if not (root / "benchmarks" / "bench.py").is_file():
+        if not (root / "benchmarks" / f"{name}.py").is_file():
             return None
         sys.path.insert(0, str(root))
-        from benchmarks import bench
-    return bench
+        return importlib.import_module(f"benchmarks.{name}")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -223,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
     p = sub.add_parser("bench", help="time glmv-jax against transformers on the same random weights (prefill, "
                                      "train step, decode; f32 and bf16) with the machine's matmul/bandwidth limits")
-    bench = _bench_module()
-    if bench is not None:
-        bench.add_arguments(p)
+    options = _bench_module("options")  # the options alone: no numpy, jax or torch for `glmv --help`
+    if options is not None:
+        options.add_arguments(p)
     p.set_defaults(run=_bench)
     p = sub.add_parser("demo", help="pretraining, SFT and RLCS of the tiny model on the synthetic tasks, evaluated "
                                     "after each stage; writes WORKDIR/report.md (finished stages are reused)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import jax
 import numpy as np
@@ -100,6 +101,60 @@ def test_truncated_shard_is_refused(sharded):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
+        load_hf_checkpoint(sharded)
+
+
+def _rewrite_header(victim, change):
+    """Rewrite the safetensors file `victim` with its JSON header passed through `change(header) -> header`."""
+    data = victim.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    blob = json.dumps(change(json.loads(data[8:8 + n]))).encode()
+    blob += b" " * (-len(blob) % 8)
+    victim.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+def _lie(field, value):
+    def change(header):
+        header[_first_tensor(header)][field] = value
+        return header
+    return change
+
+
+HOSTILE = {  # a corrupt file or a header that lies: refused before any allocation it asks for
+    "header length past the end": lambda data: struct.pack("<Q", len(data)) + data[8:],
+    "header length of 2**60": lambda data: struct.pack("<Q", 1 << 60) + data[8:],
+    "header not JSON": lambda data: data[:8] + b"{" * 16 + data[24:],
+    "too short": lambda data: data[:5],
+    "empty": lambda data: b"",
+    "trailing bytes": lambda data: data + b"\0" * 8,
+}
+LIES = {
+    "shape larger than its bytes": _lie("shape", [100_000, 100_000]),
+    "offsets past the end": _lie("data_offsets", [0, 1 << 40]),
+    "shape whose size overflows": _lie("shape", [1 << 40, 1 << 40]),
+    "negative dimension": _lie("shape", [-1, 4]),
+    "unknown dtype": _lie("dtype", "Q99"),
+    "dtype we do not read": _lie("dtype", "F8_E4M3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_corrupt_shard_is_a_checkpoint_error(sharded, name):
+    victim = sorted(sharded.glob("model-*.safetensors"))[0]
+    victim.write_bytes(HOSTILE[name](victim.read_bytes()))
+    with pytest.raises(CheckpointError, match=victim.name):
+        load_hf_checkpoint(sharded)
+
+
+@pytest.mark.parametrize("name", sorted(LIES))
+def test_lying_header_is_a_checkpoint_error(sharded, name):
+    victim = sorted(sharded.glob("model-*.safetensors"))[1]
+    _rewrite_header(victim, LIES[name])
+    with pytest.raises(CheckpointError, match=victim.name):
         load_hf_checkpoint(sharded)
 
 

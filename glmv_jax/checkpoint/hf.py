@@ -2,9 +2,10 @@
 
 Every HF tensor maps to one of our leaves by a table built from the config (`weight_map`). Dense
 weights (out, in) become kernels (in, out) reshaped to our split dims (heads, head_dim, ...);
-per-layer tensors are stacked on a leading layer axis for `nn.scan`. Loading streams tensor by
-tensor from memory-mapped files, and checks the whole folder (config, shards, keys, shapes)
-before reading any weight.
+per-layer tensors are stacked on a leading layer axis for `nn.scan`. Files go through the
+safetensors library (`safe_open`; bfloat16 through ml_dtypes): loading reads tensor by tensor,
+never a whole file, and checks the whole folder (config, shards, headers, keys, shapes) before
+reading any weight; a corrupt or truncated file is a CheckpointError.
 """
 from __future__ import annotations
 
@@ -18,12 +19,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from glmv_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, for safetensors' numpy arrays
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
 from glmv_jax.config import GlmvConfig, from_hf_dict, to_hf_dict
 from glmv_jax.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")  # the dtypes we read
+
+
+class Shard:
+    """One .safetensors file, opened (memory-mapped) with the safetensors library, which checks the untrusted
+    header (size, JSON, dtypes, offsets covering the file exactly) before any data is touched.
+    `shapes[key]` is each tensor's shape; `tensor(key)` reads that one tensor, not the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="numpy")
+            self.shapes: dict[str, tuple[int, ...]] = {}
+            for key in self._file.keys():
+                view = self._file.get_slice(key)
+                if view.get_dtype() not in DTYPES:
+                    raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {view.get_dtype()}, "
+                                          f"expected one of {', '.join(DTYPES)}")
+                self.shapes[key] = tuple(view.get_shape())
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path}: not a valid safetensors file (corrupt or truncated?): {e}") from None
+
+    def tensor(self, key: str) -> np.ndarray:
+        """The tensor `key` as a numpy array (bfloat16 through ml_dtypes)."""
+        try:
+            return self._file.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +148,7 @@ def _keys(entry: Tensor) -> list[str]:
     return [entry.key.format(i=i) for i in range(entry.layers)] if entry.layers else [entry.key]
 
 
-def _open_folder(path: Path) -> dict[str, SafetensorsFile]:
+def _open_folder(path: Path) -> dict[str, Shard]:
     """Map every tensor name to its (lazily read) file; missing shards fail here, before any weight is read."""
     if (path / INDEX_FILE).exists():
         index = json.loads((path / INDEX_FILE).read_text())
@@ -133,13 +165,10 @@ def _open_folder(path: Path) -> dict[str, SafetensorsFile]:
         pickles = [n for n in found if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = " (pickle checkpoints are never loaded: convert them to safetensors)" if pickles else ""
         raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
-    located: dict[str, SafetensorsFile] = {}
+    located: dict[str, Shard] = {}
     for name in names:
-        try:
-            shard = SafetensorsFile(path / name)
-        except SafetensorsError as e:
-            raise CheckpointError(str(e)) from None
-        located.update({key: shard for key in shard.header})
+        shard = Shard(path / name)
+        located.update({key: shard for key in shard.shapes})
     return located
 
 
@@ -148,7 +177,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
 
     Everything is checked first (architecture, shards present, every key with the expected shape);
     then tensors are converted one at a time. Without a mesh each leaf goes to the default device
-    before the next is read; with a mesh every device's shard is cut straight from the memory-mapped
+    before the next is read; with a mesh every device's shard is cut from its tensor as read from the
     file (`jax.make_array_from_callback`), so no device ever holds a full copy of a sharded weight.
     """
     path = Path(path)
@@ -162,8 +191,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
         for key in _keys(entry):
             if key not in located:
                 problems.append(f"missing {key}")
-            elif located[key].header[key][1] != entry.hf_shape:
-                problems.append(f"{key} has shape {located[key].header[key][1]}, expected {entry.hf_shape}")
+            elif located[key].shapes[key] != entry.hf_shape:
+                problems.append(f"{key} has shape {located[key].shapes[key]}, expected {entry.hf_shape}")
     expected = {key for entry in entries for key in _keys(entry)}
     problems += [f"unexpected {key}" for key in sorted(set(located) - expected)]
     if problems:
@@ -230,9 +259,10 @@ def save_hf_checkpoint(path: str | os.PathLike, config: GlmvConfig, params: dict
 
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))]
-    for name, keys in zip(names, shards):
-        specs = [(key, dtype, by_key[key][0].hf_shape) for key in keys]
-        write_safetensors(path / name, specs, produce)
+    for name, keys in zip(names, shards):  # one shard in memory at a time (at most max_shard_bytes)
+        tmp = path / (name + ".tmp")
+        save_file({key: np.ascontiguousarray(produce(key)) for key in keys}, tmp, metadata={"format": "pt"})
+        tmp.replace(path / name)
     if len(shards) > 1:
         total = sum(int(np.prod(e.hf_shape)) * dtype.itemsize for e, _ in by_key.values())
         index = {"metadata": {"total_size": total},
