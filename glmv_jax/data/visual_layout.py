@@ -132,8 +132,7 @@ def abstract_shapes(vision: VisionConfig, budgets: VisualBudgets, *, images: int
 def frame_pixels(pixels: np.ndarray, grid: np.ndarray, frames: int, width: int) -> np.ndarray:
     """Flat pixel rows (N, patch_dim) of `grid` (zero rows allowed) -> the framed layout (frames, width, patch_dim):
     frame pair f of the grid order in row f, zero-padded. Raises InputError if they do not fit."""
-    grid = np.asarray(grid, np.int64)
-    sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
+    sizes = frame_sizes(grid)
     if len(sizes) > frames or (len(sizes) and sizes.max() > width):
         raise InputError(f"{len(sizes)} frames of up to {sizes.max() if len(sizes) else 0} patches do not fit "
                          f"a framed layout of {frames} x {width}")
