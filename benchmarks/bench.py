@@ -133,8 +133,8 @@ def decode_weight_bytes(params) -> int:
 
 def train_inputs(inputs: dict, config) -> dict:
     """Our training batch for a bench prompt: every position predicts the next one, as transformers' labels;
-    visual inputs in the layout `pad_visual` picks (framed: one image per row)."""
-    from glmv_jax.model.inputs import pad_visual
+    visual inputs in the layout `data/visual_layout.pad_visual` picks (framed: one image per row)."""
+    from glmv_jax.data.visual_layout import pad_visual
     pixels, grid = pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], config.vision)
     ids = inputs["input_ids"].astype(np.int32)
     targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from glmv_jax import init_params, load_config
-from glmv_jax.data import pipeline, synthetic
+from glmv_jax.data import packing, records as records_lib, synthetic
 from glmv_jax.data.processor import ImageProcessor
 from glmv_jax.train.config import model_for_tokenizer
 from glmv_jax.train.steps import batch_loss
@@ -17,13 +17,13 @@ def test_packed_loss_equals_unpacked_loss(tmp_path):
     params = init_params(config, seed=1)
     processor = ImageProcessor(min_pixels=1568, max_pixels=28 * 28 * 2 * 12)
     examples = [synthetic.make_example(d, 5) for d in synthetic.DOMAINS[:3]]
-    records = [pipeline.example_to_record(ex, tokenizer, "sft", processor) for ex in examples]
+    records = [records_lib.example_to_record(ex, tokenizer, "sft", processor) for ex in examples]
     lengths = [len(r["input_ids"]) for r in records]
     seq = int(np.ceil(sum(lengths) / 8) * 8)
 
-    packed = pipeline.pack_examples(records, seq, batch_size=1)[0]
+    packed = packing.pack_examples(records, seq, batch_size=1)[0]
     assert packed["segment_ids"].max() == 3  # all three in one row
-    single = [pipeline.pack_examples([r], seq, batch_size=1)[0] for r in records]
+    single = [packing.pack_examples([r], seq, batch_size=1)[0] for r in records]
     apart = {k: np.concatenate([b[k] for b in single]) for k in single[0] if k not in ("pixel_values", "image_grid_thw")}
     apart["pixel_values"] = np.concatenate([b["pixel_values"][:int(np.prod(b["image_grid_thw"], 1).sum())]
                                             for b in single])

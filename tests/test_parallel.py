@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from glmv_jax import forward
-from glmv_jax.model.inputs import frame_pixels
+from glmv_jax.data.visual_layout import frame_pixels
 from glmv_jax.parallel import mesh as mesh_lib
 from glmv_jax.parallel.context import balanced_order
 from glmv_jax.shapes import pow2, round_up, bucket

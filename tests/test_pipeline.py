@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glmv_jax.data import pipeline as P
+from glmv_jax.data import formats, packing, pipeline as P, records
 from glmv_jax.data.processor import ImageProcessor
 from glmv_jax.data.tokenizer import train_sentencepiece
 from glmv_jax.shapes import bucket, pow2, round_up
@@ -77,7 +77,7 @@ def take(it, n):
 def assert_same_batches(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert sorted(x) == sorted(y) == sorted(P.BATCH_KEYS)
+        assert sorted(x) == sorted(y) == sorted(packing.BATCH_KEYS)
         for k in x:
             assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, k
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -146,7 +146,7 @@ def check_batch(batch, tok, examples, mode="sft", seen=None):
         if seen is not None:
             seen.append(index)
         # its one image: the next grid row and the next pixel rows, equal to processing the example's image
-        expect = PROC(P.decode_image(ex["image"]))
+        expect = PROC(records.decode_image(ex["image"]))
         n = int(expect["image_grid_thw"].prod())
         np.testing.assert_array_equal(grid[img], expect["image_grid_thw"][0])
         assert int((ids[r, a:b] == image_id).sum()) == n // 4
@@ -160,29 +160,29 @@ def check_batch(batch, tok, examples, mode="sft", seen=None):
 # ------------------------------------------------------------------------------------------------ records
 def test_example_to_record(tok, examples):
     ex = examples[4]
-    rec = P.example_to_record(ex, tok, "sft", PROC)
-    assert set(rec) == set(P.RECORD_KEYS)
+    rec = records.example_to_record(ex, tok, "sft", PROC)
+    assert set(rec) == set(records.RECORD_KEYS)
     ids, mask = rec["input_ids"], rec["loss_mask"]
     assert ids.dtype == np.int32 and rec["image_grid_thw"].dtype == np.int32 and rec["image_grid_thw"].shape == (1, 3)
     assert tok.decode(ids[mask > 0]) == ex["target"] + "<|endoftext|>"
     n = int(rec["image_grid_thw"].prod())
     assert rec["pixel_values"].shape == (n, 1176)
     assert int((ids == tok.token_id("<|image|>")).sum()) == n // 4 == int((rec["mm_token_type_ids"] == 1).sum())
-    cap = P.example_to_record(ex, tok, "caption", PROC)
+    cap = records.example_to_record(ex, tok, "caption", PROC)
     assert tok.decode(cap["input_ids"][cap["loss_mask"] > 0]) == ex["caption"] + "<|endoftext|>"
     assert ex["question"] not in tok.decode(cap["input_ids"])
     # llava conversations
     conv = {"image": ex["image"], "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
                                                     {"from": "gpt", "value": "A dog."}]}
-    rec = P.example_to_record(conv, tok, "llava", PROC)
+    rec = records.example_to_record(conv, tok, "llava", PROC)
     text = tok.decode(rec["input_ids"])
     assert "<|user|>\n<|begin_of_image|><|image|>" in text and "<|end_of_image|>What is it?<|assistant|>\n" in text
     assert tok.decode(rec["input_ids"][rec["loss_mask"] > 0]) == "A dog.<|endoftext|>"
     # text-only SFT example: allowed, empty image arrays; caption mode requires an image
-    rec = P.example_to_record({"question": "two plus two", "target": "four"}, tok, "sft", PROC)
+    rec = records.example_to_record({"question": "two plus two", "target": "four"}, tok, "sft", PROC)
     assert rec["pixel_values"].shape == (0, 1176) and rec["image_grid_thw"].shape == (0, 3)
-    with pytest.raises(P.SkipExample) as e:
-        P.example_to_record({"caption": "a dog"}, tok, "caption", PROC)
+    with pytest.raises(formats.SkipExample) as e:
+        records.example_to_record({"caption": "a dog"}, tok, "caption", PROC)
     assert e.value.reason == "missing_image"
 
 
@@ -211,7 +211,7 @@ def test_pack_examples_hand_checked():
     A = _rec(6, 2, [(1.0, 1)], base=10)
     B = _rec(6, 3, [(2.0, 2)], base=20)
     C = _rec(3, 2, [(3.0, 1)], base=30)
-    (batch,) = P.pack_examples([A, B, C], seq_len=10, batch_size=2)
+    (batch,) = packing.pack_examples([A, B, C], seq_len=10, batch_size=2)
     np.testing.assert_array_equal(batch["input_ids"], [[11, 99, 13, 14, 15, 16, 31, 99, 33, 0],
                                                        [21, 99, 99, 24, 25, 26, 0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 1, 1, 1, 2, 2, 2, 0],
@@ -231,16 +231,16 @@ def test_pack_examples_hand_checked():
     assert pv.shape == (64, 1176)
     np.testing.assert_array_equal(pv[:, 0], [1.0] * 4 + [3.0] * 4 + [2.0] * 8 + [0.0] * 48)
     # text-only rows: fixed structure with 64 zero pixel rows and one zero grid row
-    (batch,) = P.pack_examples([_rec(4, 1)], seq_len=8, batch_size=2)
+    (batch,) = packing.pack_examples([_rec(4, 1)], seq_len=8, batch_size=2)
     assert batch["pixel_values"].shape == (64, 1176) and not batch["pixel_values"].any()
     np.testing.assert_array_equal(batch["image_grid_thw"], [[0, 0, 0]])
     np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 1, 0, 0, 0, 0], [0] * 8])
     # an example never split: too long for seq_len is an error here (the pipeline skips it instead)
     with pytest.raises(ValueError):
-        P.pack_examples([_rec(9, 1)], seq_len=8)
+        packing.pack_examples([_rec(9, 1)], seq_len=8)
     # several examples per row, best fit over the buffer
     recs = [_rec(n, 1, base=100 * i) for i, n in enumerate([5, 3, 7, 2, 6, 4, 1, 8, 2, 3])]
-    batches = P.pack_examples(recs, seq_len=10, batch_size=2, pack_buffer=4)
+    batches = packing.pack_examples(recs, seq_len=10, batch_size=2, pack_buffer=4)
     seg = np.concatenate([b["segment_ids"] for b in batches])
     assert sum(int(s.max()) for s in seg) == 10 and (seg > 0).sum() == 41
     assert max(int(s.max()) for s in seg) >= 3
@@ -338,7 +338,7 @@ def test_bad_examples_skipped_and_counted(tok, examples, caplog):
     ]
     mixed = good[:4] + bad[:4] + good[4:8] + bad[4:] + good[8:]
     assert isinstance(good[1]["image"], bytes)
-    caplog.set_level(logging.WARNING, logger="glmv_jax.data.pipeline")
+    caplog.set_level(logging.WARNING, logger="glmv_jax.data.packing")
     it = iter(pipeline(mixed, tok, num_epochs=1, shuffle=False, read_threads=0))
     seen: list[int] = []
     for batch in it:

@@ -357,7 +357,7 @@ def test_jsonl_and_tfds_sources_feed_the_pipeline(tmp_path):
     from glmv_jax.data.processor import ImageProcessor
     from glmv_jax.data.tfds_builder import prepare_synthetic
     from glmv_jax.train.config import DataConfig
-    from glmv_jax.train.sources import example_format, make_sources, tokenizer_for_run
+    from glmv_jax.data.sources import example_format, make_sources, tokenizer_for_run
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "img" / "red.png")

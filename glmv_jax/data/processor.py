@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from glmv_jax.config import VisionConfig
 from glmv_jax.errors import DataError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -196,6 +197,13 @@ class ImageProcessor:
         self.patch_size, self.temporal_patch_size = patch_size, temporal_patch_size
         self.merge_size = merge_size
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+
+    def geometry(self) -> VisionConfig:
+        """The vision tower's patch geometry these pixels follow (patch, temporal patch and merge sizes, RGB;
+        the other fields default): ``.patch_dim`` is the length of a ``pixel_values`` row (1176 for GLM-4.1V),
+        and ``data/visual_layout`` lays the pixels out by it."""
+        return VisionConfig(patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+                            spatial_merge_size=self.merge_size, in_channels=3)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """Resized (height, width) of an image of this size (ValueError as `smart_resize`)."""

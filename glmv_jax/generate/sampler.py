@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glmv_jax.config import GlmvConfig
+from glmv_jax.data.visual_layout import pad_visual
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
 from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, fuse_qkv, unrolled_hidden, unstack_layers
@@ -207,8 +208,8 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
             f"max_position_embeddings {config.text.max_position_embeddings}")
     left = lambda x, v=0: jnp.pad(jnp.asarray(x), [(0, 0)] * (x.ndim - 1) + [(length - t, 0)], constant_values=v)  # noqa: E731
     ids, mask, types = left(ids, sampling.pad_id), left(mask), left(types)
-    pixel_values, image_grid = model_inputs.pad_visual(pixel_values, image_grid, config.vision)
-    pixel_values_videos, video_grid = model_inputs.pad_visual(pixel_values_videos, video_grid, config.vision)
+    pixel_values, image_grid = pad_visual(pixel_values, image_grid, config.vision)
+    pixel_values_videos, video_grid = pad_visual(pixel_values_videos, video_grid, config.vision)
     positions, _ = rope.get_rope_index(config, ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
                                        attention_mask=mask, mm_token_type_ids=types)
     logits, kv, layers = prefill(params, config, ids, mask, types, positions, pixel_values, image_grid,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from glmv_jax.config import GlmvConfig
+from glmv_jax.data.visual_layout import pad_visual
 from glmv_jax.model import inputs, rope
 from glmv_jax.model.decoder import Decoder
 from glmv_jax.model.projector import Projector
@@ -146,8 +147,8 @@ def forward(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel
         config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
         pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
         mm_token_type_ids=mm_token_type_ids, position_ids=position_ids)
-    pixel_values, image_grid = inputs.pad_visual(pixel_values, image_grid, config.vision)
-    pixel_values_videos, video_grid = inputs.pad_visual(pixel_values_videos, video_grid, config.vision)
+    pixel_values, image_grid = pad_visual(pixel_values, image_grid, config.vision)
+    pixel_values_videos, video_grid = pad_visual(pixel_values_videos, video_grid, config.vision)
     as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
     context = 1
     scope = contextlib.nullcontext()

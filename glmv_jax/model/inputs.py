@@ -1,14 +1,12 @@
-"""Checks on model inputs (clear errors before any compile or heavy work) and shape buckets for jit.
+"""Checks on model inputs: clear errors before any compile or heavy work.
 
-Visual inputs are padded to buckets (patches, frames, frame width) and a power-of-two number of grid
-rows, so images of different sizes with about the same token budget share one compiled program.
+The shapes visual inputs are padded to (the pixel layout and its buckets) are `data/visual_layout`'s.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from glmv_jax.config import GlmvConfig, VisionConfig
-from glmv_jax.shapes import bucket, pow2, round_up
+from glmv_jax.config import GlmvConfig
 from glmv_jax.errors import InputError
 
 
@@ -76,43 +74,3 @@ def check_inputs(config: GlmvConfig, input_ids, *, attention_mask=None, pixel_va
                          "pass frame pairs as videos")
     video_grid = _check_grid(config, "video", video_grid_thw, pixel_values_videos, int((types == 2).sum()))
     return ids.astype(np.int32), mask.astype(np.int32), image_grid, video_grid
-
-
-def pad_visual(pixels, grid: np.ndarray | None, vision: VisionConfig):
-    """Visual inputs in the cheaper of the vision tower's two layouts, padded to shape buckets.
-
-    Returns (pixels, grid): grid rows padded to a power of two (zero rows); pixels either framed
-    (F, W, patch_dim), one frame pair per row, F and W powers of two (W >= 16, the largest frame),
-    or flat (N, patch_dim), N a bucket of the patch count (always for a single frame). Framed is taken
-    when it saves cross-image attention scores without padding many more patches: a layout's estimated
-    cost is rows x (A + keys per query), A = 2 * hidden + 1.5 * intermediate being a patch's dense-layer
-    FLOPs in units of one key's attention FLOPs. Both layouts compute the same features.
-    """
-    if grid is None:
-        return None, None
-    grid = np.asarray(grid, np.int32)
-    pixels = np.asarray(pixels)
-    unit = vision.spatial_merge_size ** 2
-    sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])  # patches per frame pair, in order
-    rows = int(sizes.sum())
-    flat = round_up(bucket(rows), unit)
-    frames, width = pow2(len(sizes)), round_up(pow2(max(int(sizes.max()), 16)), unit)
-    grid = np.concatenate([grid, np.zeros((pow2(len(grid)) - len(grid), 3), np.int32)])
-    per_patch = 2 * vision.hidden_size + 1.5 * vision.intermediate_size
-    if len(sizes) > 1 and frames * width * (per_patch + width) < flat * (per_patch + flat):
-        return frame_pixels(pixels, grid, frames, width), grid
-    return np.concatenate([pixels, np.zeros((flat - rows, pixels.shape[1]), pixels.dtype)]), grid
-
-
-def frame_pixels(pixels: np.ndarray, grid: np.ndarray, frames: int, width: int) -> np.ndarray:
-    """Flat pixel rows (N, patch_dim) of `grid` (zero rows allowed) -> the framed layout (frames, width, patch_dim):
-    frame pair f of the grid order in row f, zero-padded. Raises InputError if they do not fit."""
-    grid = np.asarray(grid, np.int64)
-    sizes = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
-    if len(sizes) > frames or (len(sizes) and sizes.max() > width):
-        raise InputError(f"{len(sizes)} frames of up to {sizes.max() if len(sizes) else 0} patches do not fit "
-                         f"a framed layout of {frames} x {width}")
-    out = np.zeros((frames, width, pixels.shape[1]), pixels.dtype)
-    for f, (start, size) in enumerate(zip(np.cumsum(sizes) - sizes, sizes)):
-        out[f, :size] = pixels[start:start + size]
-    return out

@@ -6,7 +6,7 @@
                            past the real patches (a shape bucket). Attention runs over the whole sequence,
                            restricted to each (image, frame pair) by segment ids: N x N scores.
   framed  (F, W, C*T*P*P)  one frame pair per row (in grid order), zero-padded to W patches; F and W are
-                           shape buckets (`model.inputs.pad_visual` builds it). Attention runs per row:
+                           shape buckets (`data/visual_layout` builds it). Attention runs per row:
                            F x W x W scores, so a batch of images costs no cross-image scores.
 Padded patches are ignored; their outputs are garbage. The output is the same in both layouts: merged
 tokens in grid order, padding after the real ones.

@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.config import GlmvConfig
+from glmv_jax.data import visual_layout
 from glmv_jax.parallel import mesh as mesh_lib
-from glmv_jax.shapes import bucket, pow2, round_up
 
 PEAK_BF16 = {"TPU v5p": 459e12, "H100 SXM": 989e12}  # dense bf16 FLOP/s per chip
 HBM = {"TPU v5p": 95e9, "H100 SXM": 80e9}
@@ -66,13 +66,15 @@ def model_flops(config: GlmvConfig, tokens: int, patches: int, seq: int, sequenc
 
 
 def abstract_batch(config: GlmvConfig, mesh, seq: int, batch: int, image_tokens: int) -> tuple[dict, dict]:
-    """ShapeDtypeStructs of a packed batch and their shardings: `image_tokens` visual tokens per sequence."""
-    patches = round_up(bucket(4 * image_tokens * batch), 4 * int(np.prod(list(mesh.shape.values()))))
-    grids = pow2(batch)
+    """ShapeDtypeStructs of a packed batch and their shardings: one image of `image_tokens` visual tokens per
+    sequence, laid out as the trainer does (data/visual_layout, flat, rows split over the `patches` axes)."""
+    budgets = visual_layout.VisualBudgets(row_multiple=mesh_lib.axis_size(mesh, mesh_lib.RULES["patches"]))
+    visual = visual_layout.abstract_shapes(config.vision, budgets, images=batch,
+                                           patches=config.vision.spatial_merge_size ** 2 * image_tokens * batch)
     shapes = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
               for k in TOKEN_KEYS}
-    shapes["pixel_values"] = jax.ShapeDtypeStruct((patches, config.vision.patch_dim), jnp.float32)
-    shapes["image_grid_thw"] = jax.ShapeDtypeStruct((grids, 3), jnp.int32)
+    shapes["pixel_values"] = jax.ShapeDtypeStruct(visual["pixel_values"], jnp.float32)
+    shapes["image_grid_thw"] = jax.ShapeDtypeStruct(visual["image_grid_thw"], jnp.int32)
     specs = {k: ("batch", "length") for k in TOKEN_KEYS}
     specs.update(pixel_values=("patches", None), image_grid_thw=(None, None))
     shardings = {k: NamedSharding(mesh, mesh_lib.spec(specs[k])) for k in shapes}

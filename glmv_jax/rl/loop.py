@@ -23,7 +23,7 @@ from glmv_jax.data import synthetic
 from glmv_jax.parallel import mesh as mesh_lib
 from glmv_jax.rl import rewards, rlcs
 from glmv_jax.rl.curriculum import Curriculum
-from glmv_jax.train import sources as sources_lib
+from glmv_jax.data import sources as sources_lib
 from glmv_jax.train.config import TrainConfig, check_model_tokenizer, model_for_tokenizer
 from glmv_jax.train.loop import (_load_init_params, compute_dtype_of, image_processor, init_sharded_params,
                                   state_layout)

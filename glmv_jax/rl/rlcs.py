@@ -22,8 +22,8 @@ from glmv_jax.config import GlmvConfig
 from glmv_jax.data import chat
 from glmv_jax.data.processor import ImageProcessor
 from glmv_jax.data.synthetic import messages
+from glmv_jax.data.visual_layout import pad_visual
 from glmv_jax.generate.sampler import SamplingConfig, sample
-from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model.glmv import apply, token_inputs
 from glmv_jax.rl import rewards
 from glmv_jax.rl.curriculum import Curriculum, is_informative, select_balanced
@@ -176,7 +176,7 @@ def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: 
     old = np.zeros((s, t + n), np.float32)
     mask[:, t - 1:t - 1 + n] = live
     old[:, t - 1:t - 1 + n] = out["logprobs"]
-    pixels, grid = model_inputs.pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], config.vision)
+    pixels, grid = pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], config.vision)
     return {"input_ids": ids.astype(np.int32), "segment_ids": segment, "mm_token_type_ids": types,
             "targets": targets.astype(np.int32), "loss_mask": mask, "old_logp": old,
             "advantages": advantages.astype(np.float32), "pixel_values": pixels, "image_grid_thw": grid}

@@ -36,9 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.config import ConfigError, GlmvConfig, load_config, to_hf_dict
-from glmv_jax.model.inputs import frame_pixels
+from glmv_jax.data import sources as sources_lib, visual_layout
 from glmv_jax.parallel import mesh as mesh_lib
-from glmv_jax.train import sources as sources_lib
 from glmv_jax.train.config import TrainConfig, check_model_tokenizer, load_train_config, model_for_tokenizer
 from glmv_jax.train.metrics import MetricsWriter, Progress, read_jsonl
 from glmv_jax.train.optimizer import make_optimizer, schedule
@@ -92,12 +91,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     # ------------------------------------------------------------------------------------------- data
     from glmv_jax.data.pipeline import find_stats, make_pipeline, per_host_batch_size
     v = model.vision
-    largest = cfg.data.max_pixels // (v.temporal_patch_size * v.patch_size ** 2)  # patches of the largest image
-    frame_patches = cfg.data.frame_patches
-    if frame_patches and (frame_patches < largest or frame_patches % v.spatial_merge_size ** 2):
-        raise ConfigError(f"data.frame_patches = {cfg.data.frame_patches} must be a multiple of "
-                          f"{v.spatial_merge_size ** 2} and hold the largest image data.max_pixels allows "
-                          f"({largest} patches)")
+    budgets = visual_layout.VisualBudgets(max_images=cfg.data.max_images, pixel_rows=cfg.data.pixel_rows,
+                                          frame_patches=cfg.data.frame_patches,
+                                          row_multiple=mesh_lib.axis_size(mesh, mesh_lib.RULES["patches"]))
+    budgets.validate(v, cfg.data.max_pixels)
     processor = image_processor(cfg.data, v)
     pipeline_args = dict(tokenizer=tokenizer, mode=sources_lib.example_format(cfg.data.mode), seq_len=cfg.data.seq_len,
                          batch_size=per_host_batch_size(cfg.data.batch_size), processor=processor,
@@ -106,9 +103,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                                     **pipeline_args))
     eval_data = (make_pipeline(eval_source, shuffle=False, num_epochs=1, **pipeline_args)
                  if eval_source is not None and cfg.train.eval_every else None)
-    place = functools.partial(_place_batch, mesh=mesh, pixel_rows=cfg.data.pixel_rows,
-                              max_images=cfg.data.max_images, merge=v.spatial_merge_size,
-                              frame_patches=frame_patches)
+    place = functools.partial(_place_batch, mesh=mesh, vision=v, budgets=budgets)
 
     # ----------------------------------------------------------------------- optimizer and sharded state
     from glmv_jax.train.steps import batch_loss, init_state, train_step
@@ -286,38 +281,16 @@ def init_sharded_params(model: GlmvConfig, seed: int, param_shardings):
     return jax.jit(functools.partial(init_params, model, seed), out_shardings=param_shardings)()
 
 
-def _place_batch(batch: dict[str, np.ndarray], *, mesh, pixel_rows: int, max_images: int, merge: int,
-                 frame_patches: int = 0):
-    """Pad the visual arrays to fixed shapes (one compiled program) and place the batch on the mesh.
-
-    With `frame_patches`, pixels go in the framed layout (max_images rows of frame_patches patches, one
-    image per row: attention per image); else flat, padded to pixel_rows."""
+def _place_batch(batch: dict[str, np.ndarray], *, mesh, vision, budgets: visual_layout.VisualBudgets):
+    """Lay the visual arrays out in the run's fixed budgets (data/visual_layout's fixed mode: one compiled
+    program; framed with data.frame_patches, one image per row) and place the batch on the mesh."""
     batch = dict(batch)
-    patches_axis = mesh_lib.axis_size(mesh, mesh_lib.RULES["patches"])
-    pixels, grids = batch["pixel_values"], batch["image_grid_thw"]
-    images = max(max_images, len(grids))
-    if max_images and len(grids) > max_images:
-        _warn_once("max_images", f"a batch has {len(grids)} image rows > data.max_images = {max_images}; it "
-                                 "compiles another program (raise data.max_images)")
-    if images != len(grids):
-        grids = np.concatenate([grids, np.zeros((images - len(grids), 3), grids.dtype)])
-    if frame_patches:
-        pixels = frame_pixels(pixels, grids, _round_up(images, patches_axis), frame_patches)
-    else:
-        rows = _round_up(max(pixel_rows, len(pixels)), math.lcm(patches_axis, merge * merge))
-        if pixel_rows and len(pixels) > pixel_rows:
-            _warn_once("pixel_rows", f"a batch has {len(pixels)} pixel rows > data.pixel_rows = {pixel_rows}; it "
-                                     "is padded to its own bucket, which compiles another program (raise "
-                                     "data.pixel_rows)")
-        if rows != len(pixels):
-            pixels = np.concatenate([pixels, np.zeros((rows - len(pixels), pixels.shape[1]), pixels.dtype)])
+    pixels, grids, overflow = visual_layout.layout(batch["pixel_values"], batch["image_grid_thw"], vision, budgets)
+    for budget, message in overflow.items():
+        _warn_once(budget, message)
     batch["pixel_values"], batch["image_grid_thw"] = pixels, grids
     specs = {**BATCH_SPECS, "pixel_values": ("patches",) + (None,) * (pixels.ndim - 1)}
     return mesh_lib.shard_batch({k: batch[k] for k in BATCH_SPECS}, mesh, specs)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 _WARNED: set[str] = set()

@@ -115,7 +115,7 @@ class TfdsSource:
 
 def sft_or_conversations(example):
     """The `sft` mode's format: LLaVA-style `conversations` when the example has them, else question/target."""
-    from glmv_jax.data.pipeline import llava_format, sft_format
+    from glmv_jax.data.formats import llava_format, sft_format
 
     return llava_format(example) if "conversations" in example else sft_format(example)
 
