@@ -25,7 +25,7 @@ from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
 from transformers.video_utils import VideoMetadata, load_video
 
 from glmv_jax.data.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VideoProcessor, smart_resize
-from glmv_jax.data.video import VideoClip, is_video_file, read_video_file
+from glmv_jax.data.video import VideoClip, is_video_file, process_video_file, read_video_file
 from glmv_jax.errors import DataError
 
 
@@ -146,9 +146,10 @@ def test_pixels_match_reference_processing(ref, tmp_path):
     video = (video - mean[:, None, None]) / std[:, None, None]  # torchvision's normalize
     ref_rows, gt, gh, gw = Glm4vVideoProcessor.patchify(ref, video[None], 14, 2, 2)
 
-    out = process(read_video_file(path))
+    out = process_video_file(path)
     assert out["video_grid_thw"].tolist() == [[gt, gh, gw]] == [[3, 4, 8]]
     np.testing.assert_array_equal(out["pixel_values_videos"], ref_rows[0].numpy())
+    assert out["timestamps"] == prompt_timestamps(md, gt) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("codec,suffix", [("libvpx", ".webm"), ("libvpx-vp9", ".webm"),
@@ -175,6 +176,12 @@ def test_sampler_settings_are_used(tmp_path):
     assert clip.frame_indices.tolist() == [0, 10, 20, 30]
     clip = read_video_file(path, VideoProcessor(fps=4, max_duration=2))  # 4 s > 2: linspace, 8 of 40
     assert clip.frame_indices.tolist() == [0, 6, 12, 18, 23, 29, 35, 39]
+    out = process_video_file(path, VideoProcessor(fps=1, max_pixels=4 * 28 * 56))
+    # 4 frames of 48x64 over a 6272-pixel budget: beta = 1.4, sides floor to 28 x 28
+    assert smart_resize(4, 48, 64, max_pixels=4 * 28 * 56) == (28, 28)
+    assert out["video_grid_thw"].tolist() == [[2, 2, 2]] and out["timestamps"] == [0, 2]
+    with pytest.raises(DataError, match="decoding 36 frames"):  # 2 fps: last index 35
+        process_video_file(path, max_decoded_frames=30)
 
 
 def test_is_video_file():

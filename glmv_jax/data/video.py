@@ -2,7 +2,8 @@
 
 `read_video_file(path)` decodes only the frames GLM-4.1V samples and returns a `VideoClip`
 (sampled frames as PIL images, their frame indices, the source fps), which `VideoProcessor` takes:
-`VideoProcessor()(clip.frames, video_fps=clip.fps, frame_indices=clip.frame_indices)`.
+`VideoProcessor()(clip.frames, video_fps=clip.fps, frame_indices=clip.frame_indices)`;
+`process_video_file(path, processor)` does both with one processor (its fps and max_duration sample).
 
 What the reference does (transformers 5.x `Glm4vVideoProcessor.sample_frames` on the metadata of
 `video_utils.read_video_pyav`, the PyAV reader of `load_video`):
@@ -128,6 +129,17 @@ def read_video_file(path, sampler: VideoProcessor | None = None, *,
                         f"{header.total_frames} frames, only {decoded} decode")
     return VideoClip(path=str(path), frames=frames, frame_indices=indices, fps=float(header.rate),
                      total_frames=header.total_frames, duration=header.duration)
+
+
+def process_video_file(path, processor: VideoProcessor | None = None, **limits) -> dict:
+    """`processor`'s output for the video file `path`, sampled with the same processor's settings.
+
+    Returns the dict of `VideoProcessor.__call__` ("pixel_values_videos", "video_grid_thw",
+    "timestamps", "frame_timestamps"); `limits` go to `read_video_file`. Raises DataError.
+    """
+    processor = processor or VideoProcessor()
+    clip = read_video_file(path, processor, **limits)
+    return processor(clip.frames, video_fps=clip.fps, frame_indices=clip.frame_indices)
 
 
 # ----------------------------------------------------------------------------------------------
