@@ -25,7 +25,13 @@ from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
 from transformers.video_utils import VideoMetadata, load_video
 
 from glmv_jax.data.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VideoProcessor, smart_resize
-from glmv_jax.data.video import VideoClip, is_video_file, process_video_file, read_video_file
+from glmv_jax.data.video import (
+    VideoClip,
+    VideoLimits,
+    is_video_file,
+    process_video_file,
+    read_video_file,
+)
 from glmv_jax.errors import DataError
 
 
@@ -181,7 +187,36 @@ def test_sampler_settings_are_used(tmp_path):
     assert smart_resize(4, 48, 64, max_pixels=4 * 28 * 56) == (28, 28)
     assert out["video_grid_thw"].tolist() == [[2, 2, 2]] and out["timestamps"] == [0, 2]
     with pytest.raises(DataError, match="decoding 36 frames"):  # 2 fps: last index 35
-        process_video_file(path, max_decoded_frames=30)
+        process_video_file(path, limits=VideoLimits(max_decoded_frames=30))
+
+
+@pytest.mark.parametrize("height,width,max_pixels", [
+    (48, 64, 28 * 28 * 2 * 30000),     # upscaled: 56 x 56
+    (120, 200, 28 * 28 * 2 * 30000),   # rounded: 112 x 196
+    (120, 200, 6 * 56 * 84),           # over the clip budget: floored to 28 x 84
+    (30, 1800, 28 * 28 * 2 * 30000),   # a strip: 28 x 1792
+    (28, 5600, 6 * 28 * 1000)])        # 28 x 2352, itself resized again: kept full size
+def test_process_resizes_while_decoding(tmp_path, height, width, max_pixels):
+    """process_video_file (frames resized as decoded) equals the processor on the full frames."""
+    path = write_video(tmp_path / "c.mp4", 30, 10, height=height, width=width)
+    processor = VideoProcessor(max_pixels=max_pixels)
+    clip = read_video_file(path)
+    expected = processor(clip.frames, video_fps=clip.fps, frame_indices=clip.frame_indices)
+    out = process_video_file(path, processor)
+    assert out["video_grid_thw"].tolist() == expected["video_grid_thw"].tolist()
+    np.testing.assert_array_equal(out["pixel_values_videos"], expected["pixel_values_videos"])
+    assert out["timestamps"] == expected["timestamps"] == [0, 1, 2]
+    assert out["frame_timestamps"] == expected["frame_timestamps"]
+
+
+def test_process_holds_only_resized_frames(tmp_path):
+    path = write_video(tmp_path / "c.mp4", 30, 10, height=240, width=320)
+    processor = VideoProcessor(max_pixels=6 * 56 * 84)  # beta = 4.04: 240 x 320 -> 56 x 56
+    limits = VideoLimits(max_sampled_pixels=6 * 56 * 56)
+    assert "sampled frames of 320x240" in one_line_error(path, max_sampled_pixels=6 * 56 * 56)
+    assert process_video_file(path, processor, limits)["video_grid_thw"].tolist() == [[3, 4, 4]]
+    assert "sampled frames of 56x56" in str(pytest.raises(
+        DataError, process_video_file, path, processor, VideoLimits(max_sampled_pixels=6 * 56 * 56 - 1)).value)
 
 
 def test_is_video_file():
@@ -193,9 +228,9 @@ def test_is_video_file():
 # Bad files: one DataError line naming the file
 
 
-def one_line_error(path, **kwargs) -> str:
+def one_line_error(path, **limits) -> str:
     with pytest.raises(DataError) as info:
-        read_video_file(path, **kwargs)
+        read_video_file(path, limits=VideoLimits(**limits))
     message = str(info.value)
     assert "\n" not in message and str(path) in message
     return message
@@ -246,8 +281,8 @@ def test_limits(tmp_path):
     assert "a frame" in one_line_error(path, max_frame_pixels=48 * 64 - 1)
     assert "sampled frames" in one_line_error(path, max_sampled_pixels=6 * 48 * 64 - 1)
     assert "decoding 26 frames" in one_line_error(path, max_decoded_frames=25)
-    assert len(read_video_file(path, max_frame_pixels=48 * 64, max_sampled_pixels=6 * 48 * 64,
-                               max_decoded_frames=26).frames) == 6
+    limits = VideoLimits(max_frame_pixels=48 * 64, max_sampled_pixels=6 * 48 * 64, max_decoded_frames=26)
+    assert len(read_video_file(path, limits=limits).frames) == 6
     webm = write_video(tmp_path / "c.webm", 30, 10, codec="libvpx")
     assert "more than 29 frames" in one_line_error(webm, max_decoded_frames=29)
 

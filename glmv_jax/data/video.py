@@ -3,7 +3,8 @@
 `read_video_file(path)` decodes only the frames GLM-4.1V samples and returns a `VideoClip`
 (sampled frames as PIL images, their frame indices, the source fps), which `VideoProcessor` takes:
 `VideoProcessor()(clip.frames, video_fps=clip.fps, frame_indices=clip.frame_indices)`;
-`process_video_file(path, processor)` does both with one processor (its fps and max_duration sample).
+`process_video_file(path, processor)` does both with one processor (its fps and max_duration
+sample), resizing each frame as it is decoded.
 
 What the reference does (transformers 5.x `Glm4vVideoProcessor.sample_frames` on the metadata of
 `video_utils.read_video_pyav`, the PyAV reader of `load_video`):
@@ -17,6 +18,8 @@ What the reference does (transformers 5.x `Glm4vVideoProcessor.sample_frames` on
   and, clamped, the last frame included), or every frame if the clip has no more than 600.
   Repeated indices are dropped (order kept) and an odd count repeats the last index.
 - Frames are decoded in order from the start, frame k being the k-th frame the decoder returns.
+- transformers' default reader (torchcodec, not installed here) scans the file for the frame count,
+  fps and duration; for a constant-rate file whose header is right these are the same numbers.
 - Timestamps, the numbers written after each frame pair's image tokens in the prompt
   (`Glm4vProcessor.replace_video_token`): `int(index / video_fps)` of the first frame of every pair,
   cut or padded (last value) to the grid's `t`. `VideoProcessor` computes them from the indices.
@@ -26,8 +29,9 @@ Where this differs, on purpose:
 - transformers' PyAV reader keeps a repeated last index's frame once (so `t` odd), while its array
   path, its default torchcodec reader and `VideoProcessor` keep one frame per index. Here: one frame
   per index (the pixel rows are the same: patchify repeats the last frame either way; only
-  `smart_resize` sees `T + 1` instead of `T` frames, which matters only at the clip's pixel budget,
-  and a clip shorter than a second no longer fails with "t:1 must be larger than 2").
+  `smart_resize` sees `T + 1` instead of `T` frames, which can change the size only near the
+  clip's pixel budget, and a clip shorter than a second no longer fails with "t:1 must be larger
+  than temporal_factor:2").
 - Containers without a frame count in their header (webm, mkv: `stream.frames == 0`) make the
   reference sample index -1 and fail; here the frames are counted by demuxing the stream's packets
   (no decoding), which is the count the header would hold.
@@ -44,13 +48,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
 
-from glmv_jax.data.processor import VideoProcessor
+from glmv_jax.data.processor import VideoProcessor, resize_bicubic, smart_resize
 from glmv_jax.errors import DataError
 
 # File suffixes to send here rather than to the frame-folder / animated-image reader.
@@ -59,6 +64,17 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".m
 MAX_FRAME_PIXELS = 7680 * 4320        # one frame: 8K UHD
 MAX_SAMPLED_PIXELS = 1_500_000_000    # all sampled frames together (4.5 GB as uint8 RGB)
 MAX_DECODED_FRAMES = 200_000          # frames walked through (counted or decoded) per file
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """Bounds on what one (untrusted) file may cost: pixels of a frame, pixels of all sampled frames
+    as they are kept (resized ones in `process_video_file`), frames walked through (counted or
+    decoded) up to the last sampled one."""
+
+    max_frame_pixels: int = MAX_FRAME_PIXELS
+    max_sampled_pixels: int = MAX_SAMPLED_PIXELS
+    max_decoded_frames: int = MAX_DECODED_FRAMES
 
 
 @dataclass(frozen=True)
@@ -100,46 +116,80 @@ def is_video_file(path) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
-def read_video_file(path, sampler: VideoProcessor | None = None, *,
-                    max_frame_pixels: int = MAX_FRAME_PIXELS,
-                    max_sampled_pixels: int = MAX_SAMPLED_PIXELS,
-                    max_decoded_frames: int = MAX_DECODED_FRAMES) -> VideoClip:
-    """Decode the frames of `path` that `sampler` (default `VideoProcessor()`: 2 fps, 300 s) picks.
+def read_video_file(path, sampler: VideoProcessor | None = None,
+                    limits: VideoLimits = VideoLimits()) -> VideoClip:
+    """Decode the frames of `path` that `sampler` (default `VideoProcessor()`: 2 fps, 300 s) picks,
+    at their size in the file.
 
     Raises DataError (one line, naming the file) when the file is missing, not a video, corrupt or
-    truncated, or when a frame, the sampled frames or the frames to walk through exceed the limits.
+    truncated, or when a frame, the sampled frames or the frames to walk through exceed `limits`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"video file not found: {path}")
-    sampler = sampler or VideoProcessor()
-    header = _read_header(path, max_decoded_frames)
-    if header.height * header.width > max_frame_pixels:
-        raise DataError(f"video file {path}: frames of {header.width}x{header.height} pixels exceed "
-                        f"the limit of {max_frame_pixels} pixels a frame")
-    indices = _sample(sampler, header, path)
-    _check_budget(path, header, indices, max_sampled_pixels, max_decoded_frames)
-    frames, decoded = _decode(path, indices, header)
-    if frames is None and decoded >= 1 and header.total_frames - decoded <= max(1, math.ceil(header.rate)):
-        header = _Header(decoded, header.rate, header.height, header.width)  # header overstated its count
-        indices = _sample(sampler, header, path)
-        frames, decoded = _decode(path, indices, header)
-    if frames is None:
-        raise DataError(f"video file {path} is truncated or corrupt: its header promises "
-                        f"{header.total_frames} frames, only {decoded} decode")
-    return VideoClip(path=str(path), frames=frames, frame_indices=indices, fps=float(header.rate),
-                     total_frames=header.total_frames, duration=header.duration)
+    header, indices, frames = _sample_and_decode(path, sampler or VideoProcessor(), limits,
+                                                 lambda num_frames, height, width: None)
+    images = {id(a): Image.fromarray(a) for a in frames}  # a repeated frame stays one image
+    return VideoClip(path=str(path), frames=[images[id(a)] for a in frames], frame_indices=indices,
+                     fps=float(header.rate), total_frames=header.total_frames, duration=header.duration)
 
 
-def process_video_file(path, processor: VideoProcessor | None = None, **limits) -> dict:
-    """`processor`'s output for the video file `path`, sampled with the same processor's settings.
+def process_video_file(path, processor: VideoProcessor | None = None,
+                       limits: VideoLimits = VideoLimits()) -> dict:
+    """`processor(...)` of the video file `path`, sampled with the same processor's fps and duration.
 
-    Returns the dict of `VideoProcessor.__call__` ("pixel_values_videos", "video_grid_thw",
-    "timestamps", "frame_timestamps"); `limits` go to `read_video_file`. Raises DataError.
+    Returns the dict of `VideoProcessor.__call__`: "pixel_values_videos" float32 (T/2 * h/14 * w/14,
+    1176), "video_grid_thw" int64 (1, 3), "timestamps" (one int a frame pair, for the prompt),
+    "frame_timestamps" (seconds of every sampled frame). Equal to `processor(clip.frames, ...)` of
+    `read_video_file`, but each frame is resized to the processor's size as it is decoded, so only
+    the resized frames are held (a 4K clip costs its resized size, not 600 full frames). Raises
+    DataError.
     """
     processor = processor or VideoProcessor()
-    clip = read_video_file(path, processor, **limits)
-    return processor(clip.frames, video_fps=clip.fps, frame_indices=clip.frame_indices)
+    header, indices, frames = _sample_and_decode(Path(path), processor, limits,
+                                                 partial(_resized_size, processor))
+    return processor([Image.fromarray(a) for a in frames], video_fps=float(header.rate),
+                     frame_indices=indices)
+
+
+def _resized_size(processor: VideoProcessor, num_frames: int, height: int,
+                  width: int) -> tuple[int, int] | None:
+    """The (height, width) `processor` resizes these frames to, when resizing them to it first
+    changes nothing (the size is a fixed point of `smart_resize`, as it is but in degenerate cases);
+    else None (resize later, at full size)."""
+    def size(h: int, w: int) -> tuple[int, int] | None:
+        try:
+            return smart_resize(num_frames, h, w, temporal_factor=processor.temporal_patch_size,
+                                factor=processor.patch_size * processor.merge_size,
+                                min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
+        except ValueError:
+            return None
+    target = size(height, width)
+    return target if target is not None and size(*target) == target else None
+
+
+def _sample_and_decode(path: Path, sampler: VideoProcessor, limits: VideoLimits, size_for
+                       ) -> tuple[_Header, np.ndarray, list[np.ndarray]]:
+    """(header, indices, one (h, w, 3) uint8 frame per index), resized to `size_for(T, H, W)`
+    unless that is None. A header that overstates its frame count by at most a second is
+    corrected to the frames that decode and sampled again; by more, the file is truncated."""
+    if not path.is_file():
+        raise DataError(f"video file not found: {path}")
+    header = _read_header(path, limits.max_decoded_frames)
+    if header.height * header.width > limits.max_frame_pixels:
+        raise DataError(f"video file {path}: frames of {header.width}x{header.height} pixels exceed "
+                        f"the limit of {limits.max_frame_pixels} pixels a frame")
+    promised = header.total_frames
+    for _ in range(2):
+        indices = _sample(sampler, header, path)
+        size = size_for(len(indices), header.height, header.width)
+        _check_budget(path, (header.height, header.width) if size is None else size, indices, limits)
+        frames, decoded = _decode(path, indices, header, size)
+        if frames is not None:
+            return header, indices, frames
+        if decoded < 1 or promised - decoded > max(1, math.ceil(header.rate)):
+            break
+        header = _Header(decoded, header.rate, header.height, header.width)
+    raise DataError(f"video file {path} is truncated or corrupt: its header promises {promised} "
+                    f"frames, only {decoded} decode")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,23 +272,24 @@ def _sample(sampler: VideoProcessor, header: _Header, path: Path) -> np.ndarray:
         raise DataError(f"video file {path}: {e}") from e
 
 
-def _check_budget(path: Path, header: _Header, indices: np.ndarray, max_sampled_pixels: int,
-                  max_decoded_frames: int) -> None:
+def _check_budget(path: Path, size: tuple[int, int], indices: np.ndarray, limits: VideoLimits) -> None:
     walked = int(indices[-1]) + 1
-    if walked > max_decoded_frames:
+    if walked > limits.max_decoded_frames:
         raise DataError(f"video file {path}: sampling it means decoding {walked} frames, over the "
-                        f"limit of {max_decoded_frames}")
-    pixels = len(indices) * header.height * header.width
-    if pixels > max_sampled_pixels:
-        raise DataError(f"video file {path}: {len(indices)} sampled frames of {header.width}x"
-                        f"{header.height} are {pixels} pixels, over the limit of {max_sampled_pixels}")
+                        f"limit of {limits.max_decoded_frames}")
+    pixels = len(indices) * size[0] * size[1]
+    if pixels > limits.max_sampled_pixels:
+        raise DataError(f"video file {path}: {len(indices)} sampled frames of {size[1]}x{size[0]} "
+                        f"are {pixels} pixels, over the limit of {limits.max_sampled_pixels}")
 
 
-def _decode(path: Path, indices: np.ndarray, header: _Header) -> tuple[list[Image.Image] | None, int]:
-    """(one PIL image per index, frames decoded), or (None, frames decoded) when the stream ends early.
+def _decode(path: Path, indices: np.ndarray, header: _Header, size: tuple[int, int] | None
+            ) -> tuple[list[np.ndarray] | None, int]:
+    """(one (h, w, 3) uint8 frame per index, frames decoded), or (None, frames decoded) when the
+    stream ends before the last index.
 
     Walks the decoder from the first frame to the last sampled one, converting only the sampled
-    frames (`to_ndarray(format="rgb24")`, as the reference).
+    frames (`to_ndarray(format="rgb24")`, as the reference), each resized to `size` if given.
     """
     wanted, last = set(int(i) for i in indices), int(indices[-1])
     rgb: dict[int, np.ndarray] = {}
@@ -250,10 +301,11 @@ def _decode(path: Path, indices: np.ndarray, header: _Header) -> tuple[list[Imag
                     raise DataError(f"video file {path}: frame {decoded} is {frame.width}x{frame.height}, "
                                     f"the stream says {header.width}x{header.height}")
                 rgb[decoded] = frame.to_ndarray(format="rgb24")
+                if size is not None and size != (header.height, header.width):
+                    rgb[decoded] = resize_bicubic(rgb[decoded], *size)
             decoded += 1
             if decoded > last:
                 break
     if decoded <= last:
         return None, decoded
-    images = {i: Image.fromarray(a) for i, a in rgb.items()}
-    return [images[int(i)] for i in indices], decoded
+    return [rgb[int(i)] for i in indices], decoded
