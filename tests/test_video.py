@@ -256,6 +256,26 @@ def test_truncated_webm(tmp_path):
     assert "is truncated" in one_line_error(cut_in_half(path))
 
 
+def test_truncated_mkv_with_sound(tmp_path):
+    """Two streams: the video's own DURATION tag tells the cut (the container's is the longer one)."""
+    path = str(tmp_path / "s.mkv")
+    with av.open(path, "w") as container:
+        video = container.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000, layout="mono")
+        for k in range(30):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame_rgb(k, 48, 64), format="rgb24")))
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+            sound.sample_rate, sound.pts = 8000, 800 * k
+            container.mux(audio.encode(sound))
+        container.mux(video.encode())
+        container.mux(audio.encode())
+    clip = read_video_file(path)
+    assert clip.total_frames == 30 and clip.frame_indices.tolist() == [0, 5, 10, 15, 20, 25]
+    assert_frames_at(clip, all_frames(path))
+    assert "is truncated" in one_line_error(cut_in_half(path))
+
+
 def test_not_a_video(tmp_path):
     for name, data in [("text.mp4", b"not a video at all\n" * 50), ("empty.mkv", b""),
                        ("noise.webm", np.random.default_rng(0).bytes(4096))]:

@@ -34,7 +34,8 @@ Where this differs, on purpose:
   than temporal_factor:2").
 - Containers without a frame count in their header (webm, mkv: `stream.frames == 0`) make the
   reference sample index -1 and fail; here the frames are counted by demuxing the stream's packets
-  (no decoding), which is the count the header would hold.
+  (no decoding), which is the count the header would hold; a count that covers more than a second
+  less than the stream's stated duration is a truncated file.
 - A header that promises more frames than decode: if the missing frames are within one second of
   the end, the frames that do decode are counted and sampling is redone on that count (the
   reference silently returns fewer frames than indices); further short is a truncated file.
@@ -252,17 +253,29 @@ def _count_packets(container, stream, path: Path, max_frames: int) -> int:
 
 
 def _check_not_cut(container, stream, frames: int, rate: Fraction, path: Path) -> None:
-    """A counted stream more than a second shorter than the duration its header states is cut."""
-    if stream.duration and stream.time_base:
-        stated = float(stream.duration * stream.time_base)
-    elif container.duration and len(container.streams) == 1:
-        stated = container.duration / av.time_base
-    else:
-        return
+    """A counted stream more than a second shorter than the duration its header states is cut.
+
+    The stated duration: the stream's own, else its Matroska DURATION tag, else the container's
+    when the stream is its only one."""
+    stated = _stated_seconds(container, stream)
     found = float(frames / rate)
-    if found + 1 < stated:
+    if stated is not None and found + 1 < stated:
         raise DataError(f"video file {path} is truncated: its header says {stated:.2f} s, "
                         f"its frames cover {found:.2f} s")
+
+
+def _stated_seconds(container, stream) -> float | None:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION", "")  # "HH:MM:SS.nnnnnnnnn"
+    try:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        pass
+    if container.duration and len(container.streams) == 1:
+        return container.duration / av.time_base
+    return None
 
 
 def _sample(sampler: VideoProcessor, header: _Header, path: Path) -> np.ndarray:
