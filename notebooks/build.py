@@ -107,7 +107,7 @@ def quickstart():
             import glmv_jax
             from glmv_jax.data import chat, synthetic
             from glmv_jax.data.processor import ImageProcessor
-            from glmv_jax.train.config import model_for_tokenizer
+            from glmv_jax.train.setup import model_for_tokenizer
 
             tokenizer = synthetic.build_tokenizer(WORK / "tokenizer", n=500, vocab_size=1024)
             config = model_for_tokenizer(glmv_jax.load_config("tiny"), tokenizer)

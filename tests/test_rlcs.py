@@ -10,7 +10,7 @@ from glmv_jax.data import synthetic
 from glmv_jax.data.processor import ImageProcessor
 from glmv_jax.rl import rlcs
 from glmv_jax.rl.curriculum import Curriculum
-from glmv_jax.train.config import model_for_tokenizer
+from glmv_jax.train.setup import model_for_tokenizer
 from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
 from glmv_jax.train.steps import init_state
 

@@ -1,25 +1,10 @@
 """AdamW with linear warmup + cosine decay, gradient clipping, decay masks, frozen parts, accumulation."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import optax
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    total_steps: int = 10_000
-    end_learning_rate_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    accumulate: int = 1                 # micro-batches per update (optax.MultiSteps)
-    freeze: tuple[str, ...] = ()        # top-level parts left untouched: "vision", "projector", "decoder"
+from glmv_jax.train.config import OptimizerConfig
 
 
 def schedule(cfg: OptimizerConfig) -> optax.Schedule:
