@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from glmv_jax.errors import ConfigError
 
 # Model presets (tiny, small, glm41v_9b) ship inside the package (package data), so any install finds them;
 # presets/demo/ holds the run configs of `glmv demo`. The repository's configs/ holds run configs to copy.
-PRESET_DIR = Path(str(importlib.resources.files("glmv_jax") / "presets"))
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_CONFIGS = "presets/demo"   # inside the package (package data)
+DEMO_CONFIGS = "presets/demo"   # inside the package (package data, beside the model presets)
 STAGES = (("pretrain", "pretraining", "pretrain.yaml"), ("sft", "SFT", "sft.yaml"), ("rl", "RL", "rl.yaml"))
 EVAL_FILE = "demo_eval.json"
 N_EXAMPLES = 3
@@ -258,12 +258,10 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
 
 # ------------------------------------------------------------------------------------------------ run
 def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
-    import importlib.resources
-
     import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section)
+    from glmv_jax.config import PRESET_DIR
     from glmv_jax.train.config import load_train_config
 
-    folder = importlib.resources.files("glmv_jax") / DEMO_CONFIGS
 
     inits = {"pretrain": None, "sft": workdir / "pretrain", "rl": workdir / "sft"}
     out = {}
@@ -271,7 +269,7 @@ def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
         overrides = list(FAST[name]) if fast else []
         if inits[name] is not None:
             overrides.append(f"train.init_from={json.dumps(str(inits[name]))}")
-        out[name] = load_train_config(Path(str(folder / config)), overrides)
+        out[name] = load_train_config(PRESET_DIR / "demo" / config, overrides)
     return out
 
 

@@ -496,8 +496,10 @@ def rl():
         workdir_cell("rl"),
         code('''
             import glmv_jax
-            from glmv_jax.config import CONFIG_DIR   # the repository's configs/ folder
+            import glmv_jax.rl.config  # registers the `rl:` section of training configs
             from glmv_jax.train.config import load_train_config
+
+            CONFIG_DIR = Path(glmv_jax.__file__).resolve().parent.parent / "configs"   # the repository's configs/
             from glmv_jax.train.loop import train
             from glmv_jax.train.metrics import read_jsonl
 
