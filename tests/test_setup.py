@@ -105,10 +105,14 @@ def test_presets_and_demo_configs_load():
 @pytest.mark.slow
 def test_non_editable_install_ships_the_presets(tmp_path):
     """`pip install .` (a wheel, not the source tree) holds the presets and the demo's configs."""
+    import shutil
+
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    target = tmp_path / "site"
+    source, target = tmp_path / "src", tmp_path / "site"   # a copy: building writes build/ into the source tree
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                                "__pycache__", "notebooks", "tests"))
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-                          "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300, env=env)
+                          "--target", str(target), str(source)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     script = textwrap.dedent("""
         import importlib.resources, json

@@ -24,7 +24,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
-from glmv_jax.config import GlmvConfig, load_config, to_hf_dict
+from glmv_jax.config import GlmvConfig, from_hf_dict, to_hf_dict
 from glmv_jax.errors import ConfigError
 from glmv_jax.parallel import mesh as mesh_lib
 from glmv_jax.train.config import TrainConfig
@@ -59,6 +59,10 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
         raise ConfigError(f"workdir {text}: no filesystem for the {name}:// scheme is installed ({e}); install it "
                           "(gs://: pip install gcsfs) or use a local folder") from None
     return path
+
+
+def _is_url(path) -> bool:
+    return _SCHEME.match(os.fspath(path)) is not None
 
 
 def use_compile_cache(path: str) -> None:
@@ -123,6 +127,9 @@ def tokenizer_and_model(cfg: TrainConfig, workdir, train_source, init_from: str 
     here (data.tokenizer = synthetic) and are checked against a given one."""
     from glmv_jax.train import sources as sources_lib
 
+    if cfg.data.tokenizer == "synthetic" and _is_url(workdir):
+        raise ConfigError(f"data.tokenizer = synthetic trains a sentencepiece file into the workdir, which must then "
+                          f"be local (not {workdir}): give data.tokenizer a tokenizer file")
     tokenizer, trained_here = sources_lib.tokenizer_for_run(cfg.data, workdir, train_source, init_from)
     model = cfg.base_model()
     if trained_here:
@@ -215,12 +222,16 @@ def load_init_params(path: str, model: GlmvConfig, layout: StateLayout):
     placed as `layout.param_shardings` say."""
     from glmv_jax.checkpoint import convert, hf
 
-    folder = Path(path)
+    folder = workdir_path(path)   # a previous workdir may be a URL
     if not folder.is_dir():
         raise FileNotFoundError(f"train.init_from: no folder at {folder}")
     if has_checkpoint(folder):
-        _same_model(load_config(folder), model, folder)
+        _same_model(from_hf_dict(json.loads((folder / "config.json").read_text())), model, folder)
         return TrainCheckpointer(folder, read_only=True).restore_params(layout.params_target())
+    if _is_url(folder):
+        raise ConfigError(f"train.init_from: {folder} holds no glmv checkpoints/ (orbax and Hugging Face folders "
+                          "are read from local paths)")
+    folder = Path(folder)
     if (folder / convert.PARAMS_DIR).is_dir():
         saved, params = convert.load_orbax_params(folder)
     elif (folder / "config.json").is_file():
