@@ -1,6 +1,8 @@
 """The trainer: data -> step -> metrics -> checkpoints, in one readable function (`train`).
 
-`glmv train --config configs/NAME.yaml --workdir DIR [key=value ...]` runs it. The workdir holds:
+`glmv train --config configs/NAME.yaml --workdir DIR [key=value ...]` runs it (cli.py; a config with an `rl:`
+section goes to rl/loop.py instead). Its set-up is train/setup.py's. The workdir (a local folder or a URL such
+as gs://bucket/run) holds:
 
     train_config.yaml   the resolved training config of the latest start
     config.json         the model config (HF layout; `load_config(DIR)` reads it)

@@ -26,7 +26,8 @@ TB_DIR = "tb"
 
 # --------------------------------------------------------------------------------------------- JSONL
 class JsonlWriter:
-    """Appends one JSON object per logged step to `path`; `resume_step` drops records after it first."""
+    """Appends one JSON object per logged step to `path`; `resume_step` drops records after it first. On a URL
+    (object stores do not append) the file is rewritten whole at each record."""
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
         self.path = epath.Path(path)
@@ -37,14 +38,21 @@ class JsonlWriter:
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             tmp.replace(self.path)
-        self._file = self.path.open("a")
+        self._text = "".join(json.dumps(r) + "\n" for r in keep)   # the file's content (used on a URL)
+        self._file = None if "://" in str(self.path) else self.path.open("a")
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False) + "\n"
+        if self._file is None:
+            self._text += line
+            self.path.write_text(self._text)
+        else:
+            self._file.write(line)
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
