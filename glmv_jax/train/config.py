@@ -38,7 +38,7 @@ Layout of a training YAML (every key optional except where noted; defaults below
       init_from: null           # params to start from: a previous workdir, an orbax folder
                                 # (config.json + params/) or a Hugging Face folder
       compile_cache: null       # a folder for JAX's persistent compilation cache
-    optimizer:                  # OptimizerConfig (built by glmv_jax/train/optimizer.py)
+    optimizer:                  # OptimizerConfig (glmv_jax/train/optimizer.py)
       learning_rate: 3.0e-4
       warmup_steps: 100
       total_steps: <train.steps / accumulate>   # schedule length in updates
@@ -77,6 +77,7 @@ from typing import Any, Sequence
 import yaml
 
 from glmv_jax.config import ConfigError, GlmvConfig, load_config
+from glmv_jax.train.optimizer import OptimizerConfig
 from glmv_jax.train.validate import build, choice, non_negative, positive, reject_unknown
 
 SOURCES = ("synthetic", "tfds", "jsonl")
@@ -123,23 +124,6 @@ class DataConfig:
             raise ConfigError("data.source = jsonl needs data.path (the JSONL file)")
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"data.min_pixels = {self.min_pixels} > data.max_pixels = {self.max_pixels}")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with warmup + cosine decay (`glmv_jax.train.optimizer.make_optimizer` builds it)."""
-
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    total_steps: int = 10_000
-    end_learning_rate_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    accumulate: int = 1                 # micro-batches per update (optax.MultiSteps)
-    freeze: tuple[str, ...] = ()        # top-level parts left untouched: "vision", "projector", "decoder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,5 +338,5 @@ def _validate_optimizer(opt: OptimizerConfig) -> None:
         raise ConfigError(f"optimizer.freeze names unknown parts {sorted(unknown)}; parts: decoder, projector, vision")
 
 
-__all__ = ["CheckpointConfig", "DataConfig", "MeshConfig", "OptimizerConfig", "TrainConfig", "TrainSection",
+__all__ = ["CheckpointConfig", "DataConfig", "MeshConfig", "TrainConfig", "TrainSection",
            "apply_overrides", "from_dict", "load_train_config", "register_section"]

@@ -1,13 +1,34 @@
-"""AdamW with linear warmup + cosine decay, gradient clipping, decay masks, frozen parts, accumulation."""
+"""AdamW with linear warmup + cosine decay, gradient clipping, decay masks, frozen parts, accumulation.
+
+jax and optax are imported where the optimizer is built, so that the training config (which holds an
+`OptimizerConfig`) is read without them."""
 from __future__ import annotations
 
-import jax
-import optax
+import dataclasses
+from typing import TYPE_CHECKING
 
-from glmv_jax.train.config import OptimizerConfig
+if TYPE_CHECKING:
+    import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    total_steps: int = 10_000
+    end_learning_rate_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    accumulate: int = 1                 # micro-batches per update (optax.MultiSteps)
+    freeze: tuple[str, ...] = ()        # top-level parts left untouched: "vision", "projector", "decoder"
 
 
 def schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    import optax
+
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
                                               max(cfg.total_steps, cfg.warmup_steps + 1),
                                               cfg.learning_rate * cfg.end_learning_rate_ratio)
@@ -15,6 +36,9 @@ def schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
     """The full transformation; `params` (or their shapes) fix the masks."""
+    import jax
+    import optax
+
     mask = jax.tree_util.tree_map_with_path(lambda path, x: _decays(path, x), params)
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                      optax.adamw(schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask))
