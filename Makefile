@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# pytest workers (pytest-xdist): much of the suite is single-threaded XLA compilation; 0 runs it in one process
+WORKERS ?= 2
 
 .PHONY: install install-test test demo clean
 
@@ -22,7 +24,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 test: install-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/glmv demo

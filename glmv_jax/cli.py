@@ -1,4 +1,7 @@
-"""The `glmv` console script: convert and generate (today), then train, plan, bench and demo as they land."""
+"""The `glmv` console script: convert, generate, plan, train (RL configs go to rl/loop), bench and demo.
+
+A user error (`GlmvError`: bad config, input, mesh, checkpoint or data; a missing or existing file) is printed
+as one line and exits with status 2; anything else is a bug of ours and shows its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -143,8 +146,26 @@ def _stop_index(ids: list[int], eos: tuple[int, ...]) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """0 when done, 3 when training diverged (a bad config or data raises, for `main` to print)."""
+    import json
+
+    import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section of training configs)
+    from glmv_jax.train.config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
     from glmv_jax.train import loop
-    return loop.main(args.config, args.workdir, args.overrides)
+
+    try:
+        if cfg.rl is not None:
+            from glmv_jax.rl.loop import train_rl
+            final = train_rl(cfg, args.workdir)
+        else:
+            final = loop.train(cfg, args.workdir)
+    except loop.TrainingDiverged as e:
+        print(f"\nglmv train: error: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({k: final[k] for k in ("step", "loss", "eval_loss", "eval_reward") if k in final}))
+    return 0
 
 
 def _bench_module(name: str = "bench"):
@@ -172,13 +193,6 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from glmv_jax import demo
     return demo.main(args.workdir, fast=args.fast)
-
-
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"glmv {name}: not yet; it lands with its issue (see README)")
-        return 0
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,10 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `glmv` command itself (not a call from Python): keep freed host memory on CPU
         hostmem.reexec_with_tuned_malloc("glmv_jax.cli", sys.argv[1:])
     args = build_parser().parse_args(argv)
+    from glmv_jax.errors import GlmvError
+
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
-        # bad input (files, configs, shapes): one clear line, no traceback, nothing half-done printed as a result
+    except (GlmvError, FileNotFoundError, FileExistsError) as e:
+        # bad input (files, configs, shapes): one clear line, no traceback, nothing half-done printed as a result;
+        # any other exception is a bug of ours and keeps its traceback
         print(f"\nglmv {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,9 @@ import yaml
 
 from glmv_jax.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Model presets (tiny, small, glm41v_9b) ship inside the package (package data), so any install finds them;
+# presets/demo/ holds the run configs of `glmv demo`. The repository's configs/ holds run configs to copy.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass(frozen=True)
@@ -204,10 +206,10 @@ def load_config(name_or_path: str | os.PathLike) -> GlmvConfig:
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
-    elif not path.exists() and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    elif not path.exists() and (PRESET_DIR / f"{name_or_path}.yaml").is_file():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
-        presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.exists() else []
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no config at {name_or_path!r}; presets: {', '.join(presets)}")
     if path.suffix == ".json":
         return from_hf_dict(json.loads(path.read_text()))

@@ -1,7 +1,8 @@
 """`glmv demo`: pretraining, SFT and RLCS of the tiny model on the synthetic tasks, with a report.
 
 Three stages, each in its own folder of the workdir, run in-process with the training entry points
-(`glmv_jax.train.loop.train`, `glmv_jax.rl.loop.train_rl`) from `configs/demo_{pretrain,sft,rl}.yaml`:
+(`glmv_jax.train.loop.train`, `glmv_jax.rl.loop.train_rl`) from the run configs shipped with the package,
+`glmv_jax/presets/demo/{pretrain,sft,rl}.yaml`:
 
     WORKDIR/pretrain   captions                      (train)
     WORKDIR/sft        <think>…</think><answer>…</answer>   (train, init_from pretrain)
@@ -11,7 +12,7 @@ After each stage the model answers the same held-out prompts greedily (`rlcs.eva
 held-out set, its sampling limits); accuracy is the mean reward by domain, format_ok the share of well-formed
 answers. A stage whose final checkpoint exists is not trained again and its evaluation (saved as
 `demo_eval.json` in its folder) is reused, so a second run only rewrites the report. The report
-(`WORKDIR/report.md`) has the table, PNG plots of the loss and reward curves (drawn with Pillow) and three
+(`WORKDIR/report.md`) has the table, PNG plots of the loss and reward curves (matplotlib) and three
 example answers of the final model (held-out prompts 0, 1 and 2, not chosen by result).
 """
 from __future__ import annotations
@@ -22,9 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-STAGES = (("pretrain", "pretraining", "demo_pretrain.yaml"), ("sft", "SFT", "demo_sft.yaml"),
-          ("rl", "RL", "demo_rl.yaml"))
+DEMO_CONFIGS = "presets/demo"   # inside the package (package data, beside the model presets)
+STAGES = (("pretrain", "pretraining", "pretrain.yaml"), ("sft", "SFT", "sft.yaml"), ("rl", "RL", "rl.yaml"))
 EVAL_FILE = "demo_eval.json"
 N_EXAMPLES = 3
 SAMPLES = 4  # answers per held-out prompt in the sampled evaluation (at the RL temperature)
@@ -63,8 +63,9 @@ def _final_step(folder: Path) -> int | None:
 def stage_done(name: str, cfg, folder: Path) -> bool:
     """Whether the stage in `folder` reached its final checkpoint."""
     if name == "rl":
-        progress = folder / "progress.json"
-        return progress.is_file() and json.loads(progress.read_text()).get("iteration") == cfg.rl.iterations
+        from glmv_jax.rl.loop import finished_iterations
+
+        return finished_iterations(folder) == cfg.rl.iterations
     return _final_step(folder) == cfg.train.steps
 
 
@@ -105,7 +106,7 @@ def evaluate_stage(folder: Path, rl_cfg, examples: list[dict]) -> dict:
                 and "sampled_reward" in saved.get("scores", {})):
             return saved
     from glmv_jax.rl import rewards, rlcs
-    from glmv_jax.train.loop import image_processor
+    from glmv_jax.train.setup import image_processor
 
     model, params, tokenizer = _load_model(folder)
     processor = image_processor(rl_cfg.data, model.vision)
@@ -128,73 +129,28 @@ def evaluate_stage(folder: Path, rl_cfg, examples: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- plots
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    import math
-
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
-    start = math.floor(lo / step) * step
-    ticks = [round(start, 10)]
-    while ticks[-1] < hi - step * 1e-6:   # the last tick covers the largest value
-        ticks.append(round(ticks[-1] + step, 10))
-    return ticks if len(ticks) > 1 else [ticks[0], round(ticks[0] + step, 10)]
-
-
 def line_plot(path: Path, title: str, series: dict[str, list[tuple[float, float]]], xlabel: str = "step",
               ylabel: str = "", size: tuple[int, int] = (720, 420)) -> Path:
-    """A small line chart (PNG) with Pillow: one line (and dots) per series of (x, y) points."""
-    from PIL import Image, ImageDraw, ImageFont
+    """A small line chart (PNG, `size` in pixels) with matplotlib: one line with dots per series of (x, y) points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg   # files only: no pyplot, no global backend
+    from matplotlib.figure import Figure
 
-    series = {k: [(float(x), float(y)) for x, y in v] for k, v in series.items() if v}
-    w, h = size
-    left, right, top, bottom = 70, 20, 40, 55
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    draw.text((left, 12), title, fill=(0, 0, 0), font=font)
-    points = [p for v in series.values() for p in v]
-    if not points:
-        draw.text((left, h // 2), "no data", fill=(0, 0, 0), font=font)
-        img.save(path)
-        return path
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xt, yt = _nice_ticks(min(xs), max(xs)), _nice_ticks(min(ys), max(ys))
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
-    x1 = x1 if x1 > x0 else x0 + 1
-    y1 = y1 if y1 > y0 else y0 + 1
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-    for t in yt:
-        _, yy = px(x0, t)
-        draw.line([(left, yy), (w - right, yy)], fill=(230, 230, 230))
-        draw.text((8, yy - 6), f"{t:.4g}", fill=(60, 60, 60), font=font)
-    for t in xt:
-        xx, _ = px(t, y0)
-        draw.line([(xx, top), (xx, h - bottom)], fill=(240, 240, 240))
-        draw.text((xx - 8, h - bottom + 6), f"{t:g}", fill=(60, 60, 60), font=font)
-    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    draw.text(((w - left) // 2 + left - 20, h - 22), xlabel, fill=(0, 0, 0), font=font)
-    if ylabel:
-        draw.text((8, top - 16), ylabel, fill=(0, 0, 0), font=font)
-    for k, (name, pts) in enumerate(series.items()):
-        color = PALETTE[k % len(PALETTE)]
-        xy = [px(x, y) for x, y in sorted(pts)]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for x, y in xy:
-            draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=color)
-        lx, ly = w - right - 170, top + 8 + 16 * k
-        draw.line([(lx, ly + 6), (lx + 20, ly + 6)], fill=color, width=3)
-        draw.text((lx + 26, ly), name, fill=(0, 0, 0), font=font)
-    img.save(path)
+    series = {k: sorted((float(x), float(y)) for x, y in v) for k, v in series.items() if v}
+    fig = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, linewidth=2, label=name)
+    if series:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="0.9")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
     return path
 
 
@@ -275,7 +231,7 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
         cfg = configs[name]
         steps = f"{cfg.rl.iterations} iterations" if name == "rl" else f"{cfg.train.steps} steps"
         when = f"{t['train_s']:.0f} s" + (" (reused)" if t.get("reused") else "") if t else "-"
-        lines.append(f"| {label} | `configs/{config}` | `{name}/` | {steps} | {when} |")
+        lines.append(f"| {label} | `glmv_jax/{DEMO_CONFIGS}/{config}` | `{name}/` | {steps} | {when} |")
     lines += ["", "## Curves", "",
               f"![pretraining loss]({plots['pretrain']})", "", f"![SFT loss]({plots['sft']})", "",
               f"![RL rewards]({plots['rl']})", "",
@@ -302,7 +258,10 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
 
 # ------------------------------------------------------------------------------------------------ run
 def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
+    import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section)
+    from glmv_jax.config import PRESET_DIR
     from glmv_jax.train.config import load_train_config
+
 
     inits = {"pretrain": None, "sft": workdir / "pretrain", "rl": workdir / "sft"}
     out = {}
@@ -310,19 +269,20 @@ def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
         overrides = list(FAST[name]) if fast else []
         if inits[name] is not None:
             overrides.append(f"train.init_from={json.dumps(str(inits[name]))}")
-        out[name] = load_train_config(CONFIG_DIR / config, overrides)
+        out[name] = load_train_config(PRESET_DIR / "demo" / config, overrides)
     return out
 
 
 def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
     """Run (or reuse) the three stages, evaluate each, write `workdir/report.md`; returns a summary dict
     (`evals` by stage, `timings`, `report`, `total_s`)."""
-    from glmv_jax.train.loop import _use_compile_cache, train
+    from glmv_jax.train.loop import train
+    from glmv_jax.train.setup import use_compile_cache
 
     started = time.perf_counter()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    _use_compile_cache(str(workdir / "jax_cache"))
+    use_compile_cache(str(workdir / "jax_cache"))
     configs = stage_configs(workdir, fast)
     examples = held_out(configs["rl"])
     evals, timings = {}, {}
@@ -335,7 +295,7 @@ def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
             reused = True
         else:
             what = f"{cfg.rl.iterations} RLCS iterations" if name == "rl" else f"{cfg.train.steps} steps"
-            _banner(f"stage {k}/3: {label} ({what}, configs/{config}) -> {folder}")
+            _banner(f"stage {k}/3: {label} ({what}, {DEMO_CONFIGS}/{config}) -> {folder}")
             if name == "rl":
                 from glmv_jax.rl.loop import train_rl
                 train_rl(cfg, folder)

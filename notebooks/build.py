@@ -107,7 +107,7 @@ def quickstart():
             import glmv_jax
             from glmv_jax.data import chat, synthetic
             from glmv_jax.data.processor import ImageProcessor
-            from glmv_jax.train.config import model_for_tokenizer
+            from glmv_jax.train.setup import model_for_tokenizer
 
             tokenizer = synthetic.build_tokenizer(WORK / "tokenizer", n=500, vocab_size=1024)
             config = model_for_tokenizer(glmv_jax.load_config("tiny"), tokenizer)
@@ -496,8 +496,10 @@ def rl():
         workdir_cell("rl"),
         code('''
             import glmv_jax
-            from glmv_jax.config import CONFIG_DIR   # the repository's configs/ folder
+            import glmv_jax.rl.config  # registers the `rl:` section of training configs
             from glmv_jax.train.config import load_train_config
+
+            CONFIG_DIR = Path(glmv_jax.__file__).resolve().parent.parent / "configs"   # the repository's configs/
             from glmv_jax.train.loop import train
             from glmv_jax.train.metrics import read_jsonl
 

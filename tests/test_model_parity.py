@@ -1,7 +1,7 @@
 """Parity against transformers' Glm4v, module by module (1e-5) and whole-model logits (1e-4).
 
 Errors are max |ours - reference| / max |reference|, in float32, on a tiny random model whose
-dimensions all differ (see configs/tiny.yaml).
+dimensions all differ (see glmv_jax/presets/tiny.yaml).
 """
 from __future__ import annotations
 

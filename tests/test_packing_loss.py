@@ -7,7 +7,7 @@ import numpy as np
 from glmv_jax import init_params, load_config
 from glmv_jax.data import packing, records as records_lib, synthetic
 from glmv_jax.data.processor import ImageProcessor
-from glmv_jax.train.config import model_for_tokenizer
+from glmv_jax.train.setup import model_for_tokenizer
 from glmv_jax.train.steps import batch_loss
 
 

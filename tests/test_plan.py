@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.slow
 def test_9b_long_context_plan_fits_a_v5p_chip():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-m", "glmv_jax.cli", "plan", "--config", "configs/glm41v_9b.yaml",
+    out = subprocess.run([sys.executable, "-m", "glmv_jax.cli", "plan", "--config", "glm41v_9b",
                           "--mesh", "tensor=2,context=4", "--seq", "32768", "--batch", "1"],
                          capture_output=True, text=True, timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,8 +9,9 @@ from glmv_jax import init_params, load_config
 from glmv_jax.data import synthetic
 from glmv_jax.data.processor import ImageProcessor
 from glmv_jax.rl import rlcs
+from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum
-from glmv_jax.train.config import model_for_tokenizer
+from glmv_jax.train.setup import model_for_tokenizer
 from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
 from glmv_jax.train.steps import init_state
 
@@ -33,7 +34,7 @@ def test_group_advantages():
 
 def test_one_iteration(setup):
     tokenizer, config, params, processor = setup
-    cfg = rlcs.RLConfig(groups=2, group_size=4, max_new_tokens=12, minibatches=2, thinking_budget=6)
+    cfg = RLConfig(groups=2, group_size=4, max_new_tokens=12, minibatches=2, thinking_budget=6)
     pool = {i: synthetic.make_example(synthetic.DOMAINS[i % 4], i) for i in range(16)}
     curriculum = Curriculum.from_pass_at_k(list(pool), [pool[i]["domain"] for i in pool], [0.5] * len(pool))
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10), params)
@@ -54,7 +55,7 @@ def test_one_iteration(setup):
 def test_first_update_is_on_policy(setup):
     """The sampler's log-probs equal the teacher-forced ones of the same params: the ratio is 1."""
     tokenizer, config, params, processor = setup
-    cfg = rlcs.RLConfig(max_new_tokens=10, temperature=0.8)
+    cfg = RLConfig(max_new_tokens=10, temperature=0.8)
     examples = [synthetic.make_example(d, 7) for d in synthetic.DOMAINS]
     prompts = rlcs.make_prompts(examples, tokenizer, processor, tokenizer.eos_ids[0])
     rows = np.repeat(np.arange(4), 2)
@@ -76,3 +77,74 @@ def test_synthetic_pool_is_lazy_and_round_robin():
     assert pool[6]["domain"] == synthetic.DOMAINS[6 % 4]
     with pytest.raises(KeyError):
         pool[65536]
+
+
+def _hand_made_batch(config, seed: int = 0) -> dict:
+    """Two rows of 10 text tokens (no images), responses in the last 5 target places, row 1 shorter."""
+    rng = np.random.default_rng(seed)
+    s, t = 2, 10
+    ids = rng.integers(0, 290, (s, t)).astype(np.int32)
+    mask = np.zeros((s, t), np.float32)
+    mask[0, 4:9] = 1
+    mask[1, 4:7] = 1
+    return {"input_ids": ids, "segment_ids": np.ones((s, t), np.int32), "mm_token_type_ids": np.zeros((s, t), np.int32),
+            "targets": np.concatenate([ids[:, 1:], np.zeros((s, 1), np.int32)], axis=1), "loss_mask": mask,
+            "old_logp": rng.normal(-6.0, 0.3, (s, t)).astype(np.float32),
+            "advantages": np.array([1.0, -0.5], np.float32), "pixel_values": None, "image_grid_thw": None}
+
+
+def _new_logp_and_entropy(params, config, batch, temperature):
+    """The current policy's log-probs of the targets and its entropy, computed here from the model directly."""
+    from glmv_jax.model.glmv import apply, token_inputs
+
+    tokens = token_inputs(config, batch["input_ids"], batch["segment_ids"], batch["mm_token_type_ids"])
+    logits = np.asarray(apply(params, config, tokens, {"pixel_values": None, "image_grid_thw": None}),
+                        np.float64) / temperature
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    picked = np.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return picked, -(np.exp(logp) * logp).sum(-1)
+
+
+def _per_sample_mean(values, mask):
+    return float(np.mean((values * mask).sum(-1) / mask.sum(-1)))
+
+
+def test_kl_and_entropy_coefficients_reach_the_loss():
+    """rl.kl_coef adds kl_coef x the k3 estimate of KL(policy || start policy), rl.entropy_coef subtracts
+    entropy_coef x the entropy, both averaged per sample over its response tokens; at 0 the loss is the
+    GRPO loss alone, whatever the batch carries."""
+    config = load_config("tiny")
+    params = init_params(config, seed=0)
+    batch = _hand_made_batch(config)
+    new_logp, ent = _new_logp_and_entropy(params, config, batch, temperature=0.8)
+    batch["ref_logp"] = (new_logp + np.random.default_rng(1).normal(0, 0.5, new_logp.shape)).astype(np.float32)
+    tx = make_optimizer(OptimizerConfig(learning_rate=0.0, weight_decay=0.0), params)
+
+    def loss(**coefs):
+        cfg = RLConfig(temperature=0.8, **coefs)
+        state = init_state(jax.tree.map(lambda x: x.copy(), params), tx)   # the step donates its state
+        _, metrics = rlcs.make_policy_step(config, tx, cfg)(state, batch)
+        return float(metrics["loss"]), metrics
+
+    base, metrics = loss()
+    assert "kl" not in metrics and "entropy" not in metrics
+    delta = batch["ref_logp"] - new_logp
+    k3 = np.exp(delta) - delta - 1.0
+    with_kl, metrics = loss(kl_coef=0.1)
+    np.testing.assert_allclose(with_kl - base, 0.1 * _per_sample_mean(k3, batch["loss_mask"]), rtol=1e-4, atol=1e-6)
+    assert with_kl - base > 1e-3
+    mask = batch["loss_mask"]
+    np.testing.assert_allclose(float(metrics["kl"]), (k3 * mask).sum() / mask.sum(), rtol=1e-4)
+    with_entropy, metrics = loss(entropy_coef=0.01)
+    np.testing.assert_allclose(with_entropy - base, -0.01 * _per_sample_mean(ent, mask), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["entropy"]), (ent * mask).sum() / mask.sum(), rtol=1e-4)
+    assert loss(kl_coef=0.0, entropy_coef=0.0)[0] == base
+
+
+def test_kl_needs_the_start_policy():
+    """An iteration with kl_coef > 0 but no reference policy is a config error, before any rollout."""
+    from glmv_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kl_coef"):
+        rlcs.iteration({}, None, None, RLConfig(kl_coef=0.1), None, None, None, None, None, seed=0)

@@ -25,9 +25,9 @@ import yaml
 from glmv_jax import cli
 from glmv_jax.checkpoint.state import TrainCheckpointer
 from glmv_jax.config import ConfigError, load_config
-from glmv_jax.train import loop
+from glmv_jax.train import loop, setup
 from glmv_jax.train.config import apply_overrides, from_dict, load_train_config
-from glmv_jax.train.metrics import crc32c, read_events, read_jsonl
+from glmv_jax.train.metrics import read_jsonl
 
 MESH_A = {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
 MESH_B = {"data": 1, "fsdp": 1, "context": 4, "tensor": 2}
@@ -100,16 +100,51 @@ def test_loss_falls(tiny_run):
     assert 0.0 <= record["padding_fraction"] < 0.5 and record["lr"] > 0 and record["tokens_per_s"] > 0
     # TensorBoard scalars, in TensorBoard's own record format (CRC-32C per record)
     events = [e for f in sorted((workdir / "tb").iterdir()) for e in read_events(f)]
-    assert events[0]["file_version"] == "brain.Event:2"
-    tb_loss = {e["step"]: e["scalars"]["loss"] for e in events if "loss" in e["scalars"]}
-    assert tb_loss[60] == pytest.approx(curve[60], rel=1e-6)
+    assert events[0].file_version == "brain.Event:2"
+    tb_loss = {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == "loss"}
+    assert sorted(tb_loss) == list(range(1, 61)) and tb_loss[60] == pytest.approx(curve[60], rel=1e-6)
     # checkpoints: every 20 steps, the last 3 kept; the workdir describes its model and tokenizer
     assert TrainCheckpointer(workdir, read_only=True).all_steps() == [20, 40, 60]
     assert load_config(workdir).text.vocab_size % 128 == 0 and (workdir / "tokenizer.model").is_file()
 
 
-def test_crc32c_known_value():
-    assert crc32c(b"123456789") == 0xE3069283
+def read_events(path: Path):
+    """The `Event` protos of a TensorBoard event file (a TFRecord stream: length, masked CRC-32C, payload, masked
+    CRC-32C), read with tensorboardX's own protobuf classes; every CRC is checked."""
+    import struct
+
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto.event_pb2 import Event
+
+    def masked(data: bytes) -> int:
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked(header)
+        payload = data[pos + 12:pos + 12 + length]
+        assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == masked(payload)
+        pos += 16 + length
+        yield Event.FromString(payload)
+
+
+def test_metrics_writer_tensorboard_and_resume(tmp_path):
+    """Scalars reach TensorBoard's event file; a resume from step 2 drops the JSONL records after it."""
+    from glmv_jax.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write({"step": step, "loss": 1.0 / step, "lr": np.float32(0.5), "ok": True, "eval_loss": float("nan")})
+    writer.close()
+    events = [e for f in sorted((tmp_path / "tb").iterdir()) for e in read_events(f)]
+    scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value}
+    assert scalars == {(s, tag): pytest.approx(v) for s in (1, 2, 3) for tag, v in (("loss", 1.0 / s), ("lr", 0.5))}
+    MetricsWriter(tmp_path, resume_step=2).close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["eval_loss"] is None
 
 
 # ------------------------------------------------------------------------ (b) exact resume after SIGKILL
@@ -337,7 +372,7 @@ def test_frozen_vision_tower_does_not_move(compile_cache, tmp_path):
     from glmv_jax.parallel import mesh as mesh_lib
 
     shardings = mesh_lib.param_shardings(model, mesh_lib.make_mesh(**MESH_A))
-    initial = jax.device_get(loop.init_sharded_params(model, 0, shardings))  # the run's own init
+    initial = jax.device_get(setup.init_sharded_params(model, 0, shardings))  # the run's own init
     shapes = jax.eval_shape(lambda: init_params(model))
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), shapes)

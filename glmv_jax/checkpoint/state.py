@@ -6,6 +6,8 @@ Layout (one orbax `CheckpointManager` under `WORKDIR/checkpoints`)::
     checkpoints/<step>/train/      {"step", "opt_state", "rng"}
     checkpoints/<step>/data/       the grain iterator state, one JSON file per process
                                    (grain.checkpoint.CheckpointHandler: `process_<i>-of-<n>.json`)
+    checkpoints/<step>/loop/       the loop's own state as JSON, when it has one (RLCS: iteration and
+                                   curriculum), an item of the same step so it cannot fall out of step
 
 Saves are asynchronous: `save` returns once the arrays are copied off the devices and the iterator
 state is written (the grain handler is synchronous, so the state is the one at the moment of the call;
@@ -18,32 +20,38 @@ an unfinished tmp folder, which `latest_step()` ignores and the next manager del
 (`cleanup_tmp_directories`); the previous checkpoint stays usable. Keep-last-K deletes older steps only
 after a newer one is finalised.
 
+The workdir may be a URL (gs://...): paths go through `etils.epath`, as orbax's do.
+
 Restoring onto another mesh: `restore` takes the abstract state (`jax.ShapeDtypeStruct`s with the new
 `sharding=`), and orbax reads every array straight into that sharding.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
 from glmv_jax.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-ITEMS = ("params", "train", "data")
+ITEMS = ("params", "train", "data", "loop")
 
 
 class CheckpointMismatch(CheckpointError):
     """A checkpoint whose trees or shapes do not match what this run restores into."""
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
-    return Path(workdir).resolve() / CHECKPOINT_DIR
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """WORKDIR/checkpoints; a local workdir is made absolute, a URL stays a URL."""
+    path = epath.Path(workdir)
+    return (path if "://" in str(path) else path.resolve()) / CHECKPOINT_DIR
 
 
 # Arrays whose per-replica slice is smaller than this are written whole by replica 0 instead of split across
@@ -65,7 +73,8 @@ def _handlers() -> dict[str, Any]:
 
     registry = _array_registry()
     return {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
-            "train": ocp.PyTreeCheckpointHandler(type_handler_registry=registry), "data": GrainHandler()}
+            "train": ocp.PyTreeCheckpointHandler(type_handler_registry=registry), "data": GrainHandler(),
+            "loop": ocp.JsonCheckpointHandler()}
 
 
 def _save_args(tree):
@@ -87,7 +96,7 @@ class TrainCheckpointer:
       read_only: open another run's checkpoints (e.g. `init_from`) without creating or cleaning anything.
     """
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = checkpoint_dir(workdir)
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory}: no checkpoints folder")
@@ -106,14 +115,18 @@ class TrainCheckpointer:
         return sorted(self._manager.all_steps())
 
     # ------------------------------------------------------------------------------------------- saving
-    def save(self, step: int, state: dict, data_iterator=None) -> None:
-        """Start saving `state` (keys step, params, opt_state, rng) and the iterator's state as `step`."""
+    def save(self, step: int, state: dict, data_iterator=None, *, loop_state: dict | None = None) -> None:
+        """Start saving `state` (keys step, params, opt_state, rng), the iterator's state and `loop_state` (a
+        JSON-able dict: the loop's own state, e.g. RLCS's iteration and curriculum) as `step`, all in one
+        orbax step (finalised together or not at all)."""
         from grain.checkpoint import CheckpointSave
 
         items = {"params": _save_args(state["params"]),
                  "train": _save_args({k: state[k] for k in ("step", "opt_state", "rng")})}
         if data_iterator is not None:
             items["data"] = CheckpointSave(data_iterator)
+        if loop_state is not None:
+            items["loop"] = ocp.args.JsonSave(loop_state)
         self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
     def wait(self) -> None:
@@ -136,7 +149,8 @@ class TrainCheckpointer:
 
         `abstract_state`: {"step", "params", "opt_state", "rng"} of `jax.ShapeDtypeStruct`s with `sharding=`
         (the mesh may differ from the one that saved). `data_iterator` (a grain DatasetIterator of the same
-        pipeline) is set to the saved position in place.
+        pipeline) is set to the saved position in place. The loop state saved with the step, if any, comes back
+        under "loop".
         """
         step = self._step(step)
         self._check(step, "params", abstract_state["params"])
@@ -149,8 +163,21 @@ class TrainCheckpointer:
             if not (self.directory / str(step) / "data").is_dir():
                 raise CheckpointMismatch(f"{self.directory / str(step)} holds no data iterator state")
             items["data"] = CheckpointRestore(data_iterator)
+        if self._has_item(step, "loop"):
+            items["loop"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return {"params": restored["params"], **restored["train"]}
+        loop = {"loop": restored["loop"]} if "loop" in items else {}
+        return {"params": restored["params"], **restored["train"], **loop}
+
+    def restore_loop_state(self, step: int | None = None) -> dict | None:
+        """Only the loop state saved with `step` (default: the latest); None if that step has none."""
+        step = self._step(step)
+        if not self._has_item(step, "loop"):
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
+
+    def _has_item(self, step: int, item: str) -> bool:
+        return (self.directory / str(step) / item).is_dir()
 
     def restore_params(self, abstract_params, step: int | None = None):
         """Only the params of `step` (default: the latest), e.g. to start another run from them."""
@@ -204,7 +231,7 @@ def _shapes(tree) -> dict[str, tuple]:
     return out
 
 
-def has_checkpoint(workdir: str | Path) -> bool:
+def has_checkpoint(workdir: str | os.PathLike) -> bool:
     """True when `workdir/checkpoints` holds a finalised step."""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():

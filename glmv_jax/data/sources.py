@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from glmv_jax.errors import ConfigError, DataError
+
 EVAL_SEED_OFFSET = 1000
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_TEXTS = 2000   # examples whose texts train a tokenizer
@@ -152,7 +154,7 @@ def make_sources(data) -> tuple[Any, Any | None]:
                     evaluation = TfdsSource(data.data_dir, data.name, f"{name}[:{data.n_eval}]")
                     break
         return train, evaluation
-    raise ValueError(f"unknown data.source {data.source!r}")
+    raise ConfigError(f"unknown data.source {data.source!r}")
 
 
 def source_texts(source, n: int = TOKENIZER_TEXTS) -> list[str]:
@@ -190,7 +192,7 @@ def tokenizer_for_run(data, workdir: str | Path, train_source, init_from: str | 
         else:
             texts = source_texts(train_source)
             if not texts:
-                raise ValueError("data.tokenizer = synthetic: the source has no texts to train a tokenizer on")
+                raise DataError("data.tokenizer = synthetic: the source has no texts to train a tokenizer on")
             train_sentencepiece(texts, path.with_suffix(""), vocab_size=data.vocab_size)
     return Tokenizer.from_file(path), True
 

@@ -19,6 +19,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from glmv_jax.errors import ConfigError, DataError
+
 # The GLM-4 / GLM-4.1V added tokens, in the order of their ids in the real tokenizer (151329 onwards for the
 # first sixteen). The last six are the reasoning-format markers of GLM-4.1V-Thinking.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -131,7 +133,7 @@ class Tokenizer:
             import sentencepiece as spm
 
             return cls(spm.SentencePieceProcessor(model_file=str(p)), p, "sentencepiece")
-        raise ValueError(f"{p}: expected a tokenizer.json or a sentencepiece .model file")
+        raise DataError(f"{p}: expected a tokenizer.json or a sentencepiece .model file")
 
     # --------------------------------------------------------------------------------------- text <-> ids
     def encode(self, text: str) -> list[int]:
@@ -260,7 +262,7 @@ def check_ids(tokenizer: Tokenizer, expected: Mapping[str, int | Sequence[int] |
         if int(want) != got:
             problems.append(f"{key}={want} but the tokenizer has {token}={got}")
     if problems:
-        raise ValueError(f"special token ids disagree with tokenizer {tokenizer.path}:\n  " + "\n  ".join(problems))
+        raise ConfigError(f"special token ids disagree with tokenizer {tokenizer.path}:\n  " + "\n  ".join(problems))
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -289,7 +291,7 @@ def train_sentencepiece(
     symbols = list(dict.fromkeys([*SPECIAL_TOKENS, *extra_symbols]))
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("train_sentencepiece needs at least one non-empty text")
+        raise DataError("train_sentencepiece needs at least one non-empty text")
     prefix = Path(path_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -303,7 +305,7 @@ def train_sentencepiece(
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=1, input_sentence_size=0,
             shuffle_input_sentence=False, hard_vocab_limit=False, minloglevel=2)
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed for vocab_size={vocab_size} "
+        raise DataError(f"sentencepiece training failed for vocab_size={vocab_size} "
                          f"({len(symbols)} symbols + 256 byte pieces + <unk> are fixed): {e}") from e
     model_path = prefix.with_name(prefix.name + ".model")
     model_path.write_bytes(model.getvalue())

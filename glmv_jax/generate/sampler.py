@@ -19,6 +19,7 @@ import numpy as np
 
 from glmv_jax.config import GlmvConfig
 from glmv_jax.data.visual_layout import pad_visual
+from glmv_jax.errors import ConfigError
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
 from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, fuse_qkv, unrolled_hidden, unstack_layers
@@ -50,12 +51,12 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, "
+            raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, "
                              f"{self.top_p}, {self.top_k}")
         if self.thinking_budget is not None and (self.think_end_id is None or not self.forced_answer_ids):
-            raise ValueError("a thinking_budget needs think_end_id and forced_answer_ids (e.g. </think>, <answer>)")
+            raise ConfigError("a thinking_budget needs think_end_id and forced_answer_ids (e.g. </think>, <answer>)")
 
 
 class SampleOutput(NamedTuple):

@@ -1,36 +1,34 @@
 """`glmv train` for a config with an `rl:` section: RLCS from an SFT checkpoint on the synthetic tasks.
 
-One readable function: model and tokenizer from `train.init_from`, the prompt pool and held-out
-prompts, an offline pass@k run that seeds the curriculum, then iterations of `rlcs.iteration` with
-metrics, evaluation and checkpoints. Runs on one device (the sampler takes no mesh yet).
+One readable function: model and tokenizer from `train.init_from` (set up as `glmv train` does,
+train/setup.py), the prompt pool and held-out prompts, an offline pass@k run that seeds the curriculum,
+then iterations of `rlcs.iteration` with metrics, evaluation and checkpoints. Runs on one device (the
+sampler takes no mesh yet).
+
+A checkpoint holds, beside the train state (keyed by optimizer step), the loop's state as a JSON item of
+the same orbax step: {"iteration", "curriculum"}; a resume continues after that iteration, and
+metrics.jsonl (keyed by iteration) drops the records written after it.
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
-from glmv_jax.config import to_hf_dict
 from glmv_jax.data import synthetic
-from glmv_jax.parallel import mesh as mesh_lib
+from glmv_jax.errors import CheckpointError, ConfigError
 from glmv_jax.rl import rewards, rlcs
+from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum
 from glmv_jax.data import sources as sources_lib
-from glmv_jax.train.config import TrainConfig, check_model_tokenizer, model_for_tokenizer
-from glmv_jax.train.loop import (_load_init_params, compute_dtype_of, image_processor, init_sharded_params,
-                                  state_layout)
+from glmv_jax.train import setup
+from glmv_jax.train.config import TrainConfig
 from glmv_jax.train.metrics import MetricsWriter, Progress
-from glmv_jax.train.steps import init_state
-
-CURRICULUM_FILE = "curriculum.json"
 
 
 class SyntheticPool:
@@ -51,7 +49,7 @@ class SyntheticPool:
         return [synthetic.DOMAINS[i % len(synthetic.DOMAINS)] for i in range(self.n)]
 
 
-def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: rlcs.RLConfig, tokenizer, k: int,
+def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: RLConfig, tokenizer, k: int,
                        batch: int = 64) -> list[float]:
     """Share of k sampled answers with reward > 0.5, per prompt (the curriculum's offline pass@k)."""
     rows = np.repeat(np.arange(len(prompts.examples)), k)
@@ -66,52 +64,50 @@ def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: rlcs.RLConfig,
     return (wins / k).tolist()
 
 
-def train_rl(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
+def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) RLCS iterations; returns the last metrics (with eval_reward)."""
-    rl: rlcs.RLConfig = cfg.rl
-    workdir = Path(workdir).resolve()
+    rl: RLConfig = cfg.rl
+    workdir = setup.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ model and tokenizer
-    sizes = cfg.mesh.sizes(1)
-    if math.prod(sizes.values()) != 1:
-        raise NotImplementedError("RLCS runs on one device for now (the sampler takes no mesh); set mesh to 1")
-    mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+    if math.prod(cfg.mesh.sizes(1).values()) != 1:
+        raise ConfigError("RLCS runs on one device for now (the sampler takes no mesh); set every mesh axis to 1")
+    mesh, _ = setup.run_mesh(cfg, devices=1)
     train_source, _ = sources_lib.make_sources(cfg.data)
     resuming = has_checkpoint(workdir)
     if not resuming and not cfg.train.init_from:
-        raise ValueError("an RL run starts from an SFT model: set train.init_from")
-    tokenizer, trained_here = sources_lib.tokenizer_for_run(cfg.data, workdir, train_source,
-                                                            None if resuming else cfg.train.init_from)
-    model = cfg.base_model()
-    if trained_here or cfg.data.tokenizer == "synthetic":
-        model = model_for_tokenizer(model, tokenizer)
-    check_model_tokenizer(model, tokenizer)
-    processor = image_processor(cfg.data, model.vision)
+        raise ConfigError("an RL run starts from an SFT model: set train.init_from")
+    if rl.kl_coef and not cfg.train.init_from:
+        raise ConfigError("rl.kl_coef > 0 needs train.init_from (the policy the KL term is measured against)")
+    tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source, None if resuming else cfg.train.init_from)
+    processor = setup.image_processor(cfg.data, model.vision)
 
     # ------------------------------------------------------------------------------- params and state
-    layout = state_layout(model, cfg, mesh)
+    layout = setup.state_layout(model, cfg, mesh)
     checkpointer = TrainCheckpointer(workdir, keep=cfg.checkpoint.keep)
-    if resuming:
-        state = checkpointer.restore(layout.restore_target())
-        state.pop("rng")
-        curriculum = Curriculum.from_dict(json.loads((workdir / CURRICULUM_FILE).read_text()))
-    else:
-        params = (_load_init_params(cfg.train.init_from, model, layout.abstract_params, layout.param_shardings)
-                  if cfg.train.init_from else init_sharded_params(model, cfg.train.seed, layout.param_shardings))
-        state = init_state(params, layout.tx)
-        curriculum = None
-    (workdir / "train_config.yaml").write_text(cfg.to_yaml())
-    (workdir / "config.json").write_text(json.dumps(to_hf_dict(model), indent=2))
-    step_fn = rlcs.make_policy_step(model, layout.tx, rl, compute_dtype_of(cfg))
+    state = setup.restore_or_init(cfg, layout, checkpointer, model, mesh, resuming=resuming, who="glmv train (rl)")
+    rng_key = state.pop("rng")
+    saved = state.pop("loop", None) or {}
+    if resuming and not saved:
+        raise CheckpointError(f"{checkpointer.directory}/{checkpointer.latest_step()} holds no RL loop state "
+                              "(iteration, curriculum): not an RLCS checkpoint of this version; use a new workdir")
+    curriculum = Curriculum.from_dict(saved["curriculum"]) if resuming else None
+    done = int(saved["iteration"]) if resuming else 0
+    setup.write_run_files(workdir, cfg, model)
+    step_fn = rlcs.make_policy_step(model, layout.tx, rl, setup.compute_dtype_of(cfg))
+    reference = None
+    if rl.kl_coef:   # the policy at the start of the RL run: the log-probs the KL term compares against
+        start = setup.load_init_params(cfg.train.init_from, model, layout)
+        reference = rlcs.make_reference(model, rl, start, setup.compute_dtype_of(cfg))
 
     # ------------------------------------------------------------------- prompt pool, held-out prompts
     pool = SyntheticPool(rl.prompt_pool, cfg.data.seed)
     held_out = [synthetic.example_at(i, seed=cfg.data.seed + 10_000) for i in range(rl.eval_prompts)]
     eval_prompts = rlcs.make_prompts(held_out, tokenizer, processor, tokenizer.eos_ids[0])
     rewards.warmup()
-    writer = MetricsWriter(workdir, resume_step=int(state["step"]))
+    writer = MetricsWriter(workdir, resume_step=done)   # records are keyed by iteration
     if curriculum is None:
         if rl.offline_k:
             pool_prompts = rlcs.make_prompts([pool[i] for i in range(len(pool))], tokenizer, processor,
@@ -127,14 +123,13 @@ def train_rl(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
               f"(offline pass@{rl.offline_k} {np.mean(rates):.3f})", file=sys.stderr)
 
     # -------------------------------------------------------------------------------------- iterations
-    done = int(json.loads((workdir / "progress.json").read_text())["iteration"]) if resuming else 0
     rng = np.random.default_rng(rl.seed * 1_000_003 + done)
     progress = Progress(rl.iterations, initial=done)
     last: dict[str, Any] = {}
     try:
         for it in range(done + 1, rl.iterations + 1):
             state, metrics = rlcs.iteration(state, step_fn, model, rl, curriculum, pool, tokenizer, processor, rng,
-                                            seed=rl.seed * 100_003 + it)
+                                            seed=rl.seed * 100_003 + it, reference=reference)
             last = {"step": it, **metrics}
             if it % rl.eval_every == 0 or it == rl.iterations:
                 scores = rlcs.evaluate(state["params"], model, eval_prompts, rl, tokenizer)
@@ -143,10 +138,8 @@ def train_rl(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
             progress.update()
             progress.log(last)
             if it % cfg.checkpoint.every == 0 or it == rl.iterations:
-                checkpointer.save(int(state["step"]), {**state, "rng": jnp.zeros((2,), jnp.uint32)})
-                checkpointer.wait()
-                (workdir / CURRICULUM_FILE).write_text(json.dumps(curriculum.to_dict()))
-                (workdir / "progress.json").write_text(json.dumps({"iteration": it}))
+                checkpointer.save(int(state["step"]), {**state, "rng": rng_key},
+                                  loop_state={"iteration": it, "curriculum": curriculum.to_dict()})
     finally:
         progress.close()
         writer.close()
@@ -154,3 +147,15 @@ def train_rl(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     print(f"glmv train (rl): {rl.iterations - done} iterations in {time.perf_counter() - started:.0f}s; "
           f"held-out reward {last.get('eval_reward')}", file=sys.stderr)
     return last
+
+
+def finished_iterations(workdir: str | os.PathLike) -> int:
+    """The iterations done by the RL run in `workdir` (by its latest checkpoint); 0 without one."""
+    workdir = setup.workdir_path(workdir)
+    if not has_checkpoint(workdir):
+        return 0
+    with TrainCheckpointer(workdir, read_only=True) as checkpointer:
+        return int((checkpointer.restore_loop_state() or {}).get("iteration", 0))
+
+
+__all__ = ["SyntheticPool", "finished_iterations", "offline_pass_rates", "train_rl"]

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import time
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,35 +23,14 @@ from glmv_jax.data import chat
 from glmv_jax.data.processor import ImageProcessor
 from glmv_jax.data.synthetic import messages
 from glmv_jax.data.visual_layout import pad_visual
+from glmv_jax.errors import ConfigError
 from glmv_jax.generate.sampler import SamplingConfig, sample
 from glmv_jax.model.glmv import apply, token_inputs
 from glmv_jax.rl import rewards
+from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum, is_informative, select_balanced
 from glmv_jax.shapes import bucket
 from glmv_jax.train.losses import grpo_loss, token_log_probs
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-    """The `rl:` section of a training config (paper values where the recipe gives them)."""
-
-    iterations: int = 40
-    groups: int = 8                  # balanced groups kept per iteration (the update batch is groups x group_size)
-    group_size: int = 8              # rollouts per prompt (G)
-    temperature: float = 1.0
-    top_p: float = 1.0               # the paper samples from the whole vocabulary
-    max_new_tokens: int = 96
-    thinking_budget: int | None = None
-    eps_low: float = 0.2
-    eps_high: float = 0.28           # clip-higher
-    kl_coef: float = 0.0             # no KL term by default (paper)
-    entropy_coef: float = 0.0        # no entropy term by default (paper)
-    minibatches: int = 2             # policy updates per rollout batch
-    prompt_pool: int = 512           # synthetic prompts the curriculum draws from
-    eval_prompts: int = 64           # held-out prompts (greedy) for before/after rewards
-    eval_every: int = 10
-    offline_k: int = 4               # samples per pool prompt in the offline pass@k that seeds the curriculum
-    seed: int = 0
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -182,18 +161,33 @@ def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: 
             "advantages": advantages.astype(np.float32), "pixel_values": pixels, "image_grid_thw": grid}
 
 
+def sequence_log_probs(params, batch: dict, *, config: GlmvConfig, cfg: RLConfig, compute_dtype=None):
+    """Teacher-forced (log p(targets) (S, T), logits / temperature (S, T, V) float32) of an update batch: the
+    distribution the rollouts were sampled from, softmax(logits / temperature)."""
+    if compute_dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
+    tokens = token_inputs(config, batch["input_ids"], batch["segment_ids"], batch["mm_token_type_ids"],
+                          image_grid_thw=batch["image_grid_thw"])
+    visual = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    logits = apply(params, config, tokens, visual).astype(jnp.float32) / cfg.temperature
+    return token_log_probs(logits, batch["targets"]), logits
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+    """Entropy (S, T) of softmax(logits) over the vocabulary."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
 def policy_step(state: dict, batch: dict, *, config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None):
-    """One GRPO update: (new state, metrics {loss, clip_fraction, ratio, grad_norm})."""
+    """One GRPO update: (new state, metrics {loss, clip_fraction, ratio, grad_norm} (+ kl, entropy when their
+    coefficients are set)). With `cfg.kl_coef` the batch carries `ref_logp` (see `make_reference`)."""
     def loss_fn(params):
-        if compute_dtype is not None:
-            params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
-        tokens = token_inputs(config, batch["input_ids"], batch["segment_ids"], batch["mm_token_type_ids"],
-                              image_grid_thw=batch["image_grid_thw"])
-        visual = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
-        logits = apply(params, config, tokens, visual)
-        new_logp = token_log_probs(logits.astype(jnp.float32) / cfg.temperature, batch["targets"])
+        new_logp, logits = sequence_log_probs(params, batch, config=config, cfg=cfg, compute_dtype=compute_dtype)
         return grpo_loss(new_logp, batch["old_logp"], batch["advantages"], batch["loss_mask"],
-                         eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, ref_logp=batch.get("ref_logp"),
+                         kl_coef=cfg.kl_coef, entropy=entropy(logits) if cfg.entropy_coef else None,
+                         entropy_coef=cfg.entropy_coef)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -207,10 +201,24 @@ def make_policy_step(config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None):
                    donate_argnums=0)
 
 
+def make_reference(config: GlmvConfig, cfg: RLConfig, params, compute_dtype=None):
+    """batch -> the batch with `ref_logp` (S, T): the sampled tokens' log-probs under `params`, the policy at
+    the start of the RL run, which the KL term (`cfg.kl_coef`) keeps the updated policy close to."""
+    log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, config=config, cfg=cfg, compute_dtype=compute_dtype)[0])
+
+    def add_ref_logp(batch: dict) -> dict:
+        return {**batch, "ref_logp": log_probs(params, batch)}
+
+    return add_ref_logp
+
+
 def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculum: Curriculum,
               pool, tokenizer, processor: ImageProcessor, rng: np.random.Generator,
-              seed: int) -> tuple[dict, dict]:
-    """One RLCS iteration; returns (new train state, metrics)."""
+              seed: int, reference=None) -> tuple[dict, dict]:
+    """One RLCS iteration; returns (new train state, metrics). `reference` (`make_reference`) is needed when
+    `cfg.kl_coef` > 0."""
+    if cfg.kl_coef and reference is None:
+        raise ConfigError("rl.kl_coef > 0 needs the reference policy's log-probs (make_reference)")
     t0 = time.perf_counter()
     # At least the EMA's prompt count, rounded up to a shape bucket so the sampler compiles a few programs.
     count = bucket(curriculum.next_prompt_count(cfg.groups), minimum=cfg.groups)
@@ -236,6 +244,8 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     for part in np.array_split(rng.permutation(chosen), cfg.minibatches):
         batch = update_batch(prompts, rows[part], {k: v[part] for k, v in out.items()},
                              advantages.reshape(-1)[part], config)
+        if reference is not None:
+            batch = reference(batch)
         state, metrics = step_fn(state, batch)
         updates.append(jax.tree.map(float, metrics))
     t_update = time.perf_counter() - t0 - t_rollout - t_score
@@ -252,6 +262,7 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
         "clip_fraction": float(np.mean([u["clip_fraction"] for u in updates])),
         "loss": float(np.mean([u["loss"] for u in updates])),
         "grad_norm": float(np.mean([u["grad_norm"] for u in updates])),
+        **{k: float(np.mean([u[k] for u in updates])) for k in ("kl", "entropy") if k in updates[0]},
         "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update,
         "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
     }

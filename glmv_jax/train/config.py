@@ -61,18 +61,16 @@ Layout of a training YAML (every key optional except where noted; defaults below
 
 Unknown keys anywhere raise `ConfigError` naming the key (`train.stpes`) with a suggestion.
 
-Tokenizer and model ids: the model's special-token ids must be the tokenizer's. With `tokenizer: synthetic`
-the tokenizer is trained here (into WORKDIR/tokenizer.model, or copied from an `init_from` workdir), so the
-model config's `text.vocab_size` is set to its size rounded up to a multiple of 128 and `pad_token_id`,
-`eos_token_id` and the image/video ids are taken from it (`model_for_tokenizer`). With a tokenizer file
-they are checked (`glmv_jax.data.tokenizer.check_ids`) and a mismatch is an error.
+Tokenizer and model ids: the model's special-token ids must be the tokenizer's (glmv_jax/train/setup.py:
+`model_for_tokenizer` takes them from a tokenizer trained here, `check_model_tokenizer` checks a given one).
+
+An `rl:` section (RLCS; `glmv_jax.rl.config.RLConfig`) is known once glmv_jax.rl.config is imported: it
+registers the section here (`register_section`), so this module imports nothing of rl/, and nothing of jax.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,15 +78,12 @@ import yaml
 
 from glmv_jax.config import ConfigError, GlmvConfig, load_config
 from glmv_jax.train.optimizer import OptimizerConfig
+from glmv_jax.train.validate import build, choice, non_negative, positive, reject_unknown
 
 SOURCES = ("synthetic", "tfds", "jsonl")
 MODES = ("caption", "sft")
 REMAT_POLICIES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-VOCAB_MULTIPLE = 128
-# model config fields taken from a tokenizer trained here, by tokenizer attribute
-TOKEN_FIELDS = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
-                "video_start_token_id", "video_end_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +110,10 @@ class DataConfig:
     workers: int = 0
 
     def validate(self) -> None:
-        _choice("data.source", self.source, SOURCES)
-        _choice("data.mode", self.mode, MODES)
-        _positive("data", self, "seq_len", "batch_size", "vocab_size", "min_pixels", "max_pixels", "pack_buffer")
-        _non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers", "frame_patches")
+        choice("data.source", self.source, SOURCES)
+        choice("data.mode", self.mode, MODES)
+        positive("data", self, "seq_len", "batch_size", "vocab_size", "min_pixels", "max_pixels", "pack_buffer")
+        non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers", "frame_patches")
         if self.frame_patches and not self.max_images:
             raise ConfigError("data.frame_patches needs data.max_images (the number of frame rows)")
         if self.source == "synthetic" and self.n_train < 1:
@@ -144,10 +139,10 @@ class TrainSection:
     compile_cache: str | None = None
 
     def validate(self) -> None:
-        _positive("train", self, "steps", "log_every")
-        _non_negative("train", self, "eval_every")
-        _choice("train.remat_policy", self.remat_policy, REMAT_POLICIES)
-        _choice("train.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        positive("train", self, "steps", "log_every")
+        non_negative("train", self, "eval_every")
+        choice("train.remat_policy", self.remat_policy, REMAT_POLICIES)
+        choice("train.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +151,7 @@ class CheckpointConfig:
     keep: int = 3
 
     def validate(self) -> None:
-        _positive("checkpoint", self, "every", "keep")
+        positive("checkpoint", self, "every", "keep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +190,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    rl: Any = None        # an RLConfig (glmv_jax/rl/rlcs.py) when the YAML has an `rl:` section: an RLCS run
+    rl: Any = None        # an RLConfig (glmv_jax/rl/config.py) when the YAML has an `rl:` section: an RLCS run
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -208,7 +203,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def base_model(self) -> GlmvConfig:
-        """The model config as written (before tokenizer-derived ids; see `model_for_tokenizer`)."""
+        """The model config as written (before tokenizer-derived ids; see `setup.model_for_tokenizer`)."""
         if isinstance(self.model, str):
             return load_config(self.model)
         try:
@@ -224,15 +219,26 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainSection, "optimizer": OptimizerConfig,
                              "checkpoint": CheckpointConfig, "mesh": MeshConfig}
-OPTIONAL_SECTIONS: dict[str, str] = {"rl": "glmv_jax.rl.rlcs:RLConfig"}  # built only when present
+# Sections a YAML may hold beyond SECTIONS, each registered by the module that owns its dataclass (`rl`: by
+# glmv_jax.rl.config, so that this module imports nothing of rl/); built only when present.
+OPTIONAL_SECTIONS: dict[str, type] = {}
+OWNERS = {"rl": "glmv_jax.rl.config"}   # who registers a section, for the error when it is not registered
+
+
+def register_section(name: str, cls: type) -> None:
+    """Let training YAMLs hold a `name:` section read into the frozen dataclass `cls` (its `validate()` runs)."""
+    if name in SECTIONS or name == "model" or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        raise ValueError(f"{name!r} is not an optional section of TrainConfig")
+    OPTIONAL_SECTIONS[name] = cls
 
 
 def _section_class(name: str) -> type:
     if name in SECTIONS:
         return SECTIONS[name]
-    import importlib
-    module, _, attr = OPTIONAL_SECTIONS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    if name not in OPTIONAL_SECTIONS:
+        raise ConfigError(f"a config with an `{name}:` section is read through {OWNERS[name]} (import it first, "
+                          f"or use its loader)")
+    return OPTIONAL_SECTIONS[name]
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -242,7 +248,7 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"a training config must be a mapping, got {type(raw).__name__}")
-    _reject_unknown(raw, ("model", *SECTIONS, *OPTIONAL_SECTIONS), "")
+    reject_unknown(raw, ("model", *SECTIONS, *OWNERS), "")
     model = raw.get("model", "tiny")
     if not isinstance(model, (str, dict)):
         raise ConfigError(f"model must be a preset name, a path or a mapping, got {model!r}")
@@ -251,19 +257,18 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{name} must be a mapping, got {values!r}")
-        sections[name] = _build(cls, values, name)
+        sections[name] = build(cls, values, name)
     if "total_steps" not in (raw.get("optimizer") or {}):  # the schedule counts updates, train.steps micro-batches
         opt = sections["optimizer"]
         total = max(1, sections["train"].steps // max(opt.accumulate, 1))
         sections["optimizer"] = dataclasses.replace(opt, total_steps=total)
-    for name in OPTIONAL_SECTIONS:
+    for name in OWNERS:
         if raw.get(name) is not None:
             if not isinstance(raw[name], dict):
                 raise ConfigError(f"{name} must be a mapping, got {raw[name]!r}")
-            sections[name] = _build(_section_class(name), raw[name], name)
+            sections[name] = build(_section_class(name), raw[name], name)
     cfg = TrainConfig(model=model, **sections)
-    for name in SECTIONS:
-        section = getattr(cfg, name)
+    for section in sections.values():
         if hasattr(section, "validate"):
             section.validate()
     _validate_optimizer(cfg.optimizer)
@@ -295,7 +300,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         value = yaml.safe_load(text) if text.strip() else None
         parts = key.split(".")
         top = parts[0]
-        _reject_unknown({top: None}, ("model", *SECTIONS, *OPTIONAL_SECTIONS), "", what=f"override {item!r}: ")
+        reject_unknown({top: None}, ("model", *SECTIONS, *OWNERS), "", what=f"override {item!r}: ")
         if top == "model":
             if len(parts) == 1:
                 raw["model"] = value
@@ -315,62 +320,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             raise ConfigError(f"override {item!r}: expected section.key=value with section in "
                               f"{', '.join(SECTIONS)} (e.g. train.steps=300)")
         names = [f.name for f in dataclasses.fields(_section_class(top))]
-        _reject_unknown({parts[1]: None}, names, top, what=f"override {item!r}: ")
+        reject_unknown({parts[1]: None}, names, top, what=f"override {item!r}: ")
         section = raw.get(top) or {}
         section[parts[1]] = value
         raw[top] = section
     return raw
-
-
-def _build(cls, values: dict[str, Any], where: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    _reject_unknown(values, names, where)
-    return cls(**{k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in values.items()})
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check (and lightly convert) a value against its field type; `ConfigError` naming the key otherwise."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not tuple \
-        else hint
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key} must not be null")
-    if typing.get_origin(base) is tuple or base is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} must be a list of names, got {value!r}")
-        return tuple(value)
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        if not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    return value
 
 
 def _validate_optimizer(opt: OptimizerConfig) -> None:
@@ -384,61 +338,5 @@ def _validate_optimizer(opt: OptimizerConfig) -> None:
         raise ConfigError(f"optimizer.freeze names unknown parts {sorted(unknown)}; parts: decoder, projector, vision")
 
 
-def _reject_unknown(values: dict, known: Sequence[str], where: str, what: str = "") -> None:
-    for key in values:
-        if key not in known:
-            full = f"{where}.{key}" if where else str(key)
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
-            raise ConfigError(f"{what}unknown config key {full}{hint} (known keys"
-                              f"{' in ' + where if where else ''}: {', '.join(known)})")
-
-
-def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} = {value!r} must be one of {', '.join(choices)}")
-
-
-def _positive(where: str, obj, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.{name} = {value!r} must be a positive integer")
-
-
-def _non_negative(where: str, obj, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{where}.{name} = {value!r} must be a non-negative integer")
-
-
-# ------------------------------------------------------------------------------------- model <-> tokenizer
-def model_for_tokenizer(model: GlmvConfig, tokenizer) -> GlmvConfig:
-    """`model` with vocab_size (the tokenizer's, rounded up to a multiple of 128), pad/eos and image/video ids
-    taken from a tokenizer trained here."""
-    vocab = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    text = dataclasses.replace(model.text, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tuple(tokenizer.eos_ids))
-    ids = {name: getattr(tokenizer, name) for name in TOKEN_FIELDS}
-    return dataclasses.replace(model, text=text, **ids).validate()
-
-
-def check_model_tokenizer(model: GlmvConfig, tokenizer) -> None:
-    """Raise `ConfigError` when the model's special ids or vocabulary do not fit the tokenizer."""
-    from glmv_jax.data.tokenizer import check_ids
-
-    expected = {name: getattr(model, name) for name in TOKEN_FIELDS}
-    expected["pad_token_id"] = model.text.pad_token_id
-    expected["eos_token_id"] = list(model.text.eos_token_id) or None
-    try:
-        check_ids(tokenizer, expected)
-    except ValueError as e:
-        raise ConfigError(f"the model config does not match the tokenizer: {e}") from None
-    if tokenizer.vocab_size > model.text.vocab_size:
-        raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids but the model's "
-                          f"text.vocab_size is {model.text.vocab_size}")
-
-
-__all__ = ["CheckpointConfig", "DataConfig", "MeshConfig", "TrainConfig", "TrainSection", "apply_overrides",
-           "check_model_tokenizer", "from_dict", "load_train_config", "model_for_tokenizer"]
+__all__ = ["CheckpointConfig", "DataConfig", "MeshConfig", "TrainConfig", "TrainSection",
+           "apply_overrides", "from_dict", "load_train_config", "register_section"]

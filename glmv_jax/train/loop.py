@@ -1,6 +1,8 @@
 """The trainer: data -> step -> metrics -> checkpoints, in one readable function (`train`).
 
-`glmv train --config configs/NAME.yaml --workdir DIR [key=value ...]` runs it. The workdir holds:
+`glmv train --config configs/NAME.yaml --workdir DIR [key=value ...]` runs it (cli.py; a config with an `rl:`
+section goes to rl/loop.py instead). Its set-up is train/setup.py's. The workdir (a local folder or a URL such
+as gs://bucket/run) holds:
 
     train_config.yaml   the resolved training config of the latest start
     config.json         the model config (HF layout; `load_config(DIR)` reads it)
@@ -22,12 +24,11 @@ is left as it is. The CLI then exits with status 3.
 from __future__ import annotations
 
 import functools
-import json
 import math
+import os
 import sys
 import time
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +36,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
-from glmv_jax.config import ConfigError, GlmvConfig, load_config, to_hf_dict
 from glmv_jax.data import sources as sources_lib, visual_layout
+from glmv_jax.errors import ConfigError, GlmvError
 from glmv_jax.parallel import mesh as mesh_lib
-from glmv_jax.train.config import TrainConfig, check_model_tokenizer, load_train_config, model_for_tokenizer
+from glmv_jax.train import setup
+from glmv_jax.train.config import TrainConfig
 from glmv_jax.train.metrics import MetricsWriter, Progress, read_jsonl
-from glmv_jax.train.optimizer import make_optimizer, schedule
-from glmv_jax.errors import GlmvError
+from glmv_jax.train.optimizer import schedule
 
 TOKEN_KEYS = ("input_ids", "segment_ids", "mm_token_type_ids", "targets", "loss_mask")
 BATCH_SPECS: dict[str, tuple] = {**{k: ("batch", "length") for k in TOKEN_KEYS},
@@ -56,35 +57,22 @@ class TrainingDiverged(GlmvError, RuntimeError):
         self.step = step
 
 
-def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
-    """Train (or resume) the run `cfg` in `workdir`; returns the metrics of the last logged step."""
-    workdir = Path(workdir).resolve()
+def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume) the run `cfg` in `workdir` (a local path or a URL); returns the metrics of the last
+    logged step."""
+    workdir = setup.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if cfg.train.compile_cache:
-        _use_compile_cache(cfg.train.compile_cache)
+        setup.use_compile_cache(cfg.train.compile_cache)
     if jax.process_count() > 1:
-        raise NotImplementedError("glmv train places host batches on one process only; multi-host data "
+        raise ConfigError("glmv train places host batches on one process only; multi-host data "
                                   "placement (make_array_from_process_local_data) is not written yet")
-
-    # ------------------------------------------------------------------------------------------ mesh
-    sizes = cfg.mesh.sizes(jax.device_count())
-    used = math.prod(sizes.values())
-    if used > jax.device_count():
-        raise mesh_lib.MeshError(f"mesh {sizes} needs {used} devices, but {jax.device_count()} are available")
-    mesh = mesh_lib.make_mesh(**sizes, devices=jax.devices()[:used])
-    if used < jax.device_count():
-        print(f"glmv train: mesh {sizes} uses {used} of the {jax.device_count()} devices", file=sys.stderr)
-
-    # ------------------------------------------------------------------------- tokenizer and model config
+    mesh, _ = setup.run_mesh(cfg)
     train_source, eval_source = sources_lib.make_sources(cfg.data)
     resuming = has_checkpoint(workdir)
-    init_from = None if resuming else cfg.train.init_from
-    tokenizer, trained_here = sources_lib.tokenizer_for_run(cfg.data, workdir, train_source, init_from)
-    model = cfg.base_model()
-    if trained_here:
-        model = model_for_tokenizer(model, tokenizer)  # vocab and special ids follow the tokenizer trained here
-    check_model_tokenizer(model, tokenizer)
+    tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source,
+                                                 None if resuming else cfg.train.init_from)
     mesh_lib.check_model(model, mesh)
     mesh_lib.check_batch(mesh, cfg.data.batch_size, cfg.data.seq_len)
 
@@ -95,7 +83,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                                           frame_patches=cfg.data.frame_patches,
                                           row_multiple=mesh_lib.axis_size(mesh, mesh_lib.RULES["patches"]))
     budgets.validate(v, cfg.data.max_pixels)
-    processor = image_processor(cfg.data, v)
+    processor = setup.image_processor(cfg.data, v)
     pipeline_args = dict(tokenizer=tokenizer, mode=sources_lib.example_format(cfg.data.mode), seq_len=cfg.data.seq_len,
                          batch_size=per_host_batch_size(cfg.data.batch_size), processor=processor,
                          pack_buffer=cfg.data.pack_buffer, require_image=None)
@@ -105,37 +93,21 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
                  if eval_source is not None and cfg.train.eval_every else None)
     place = functools.partial(_place_batch, mesh=mesh, vision=v, budgets=budgets)
 
-    # ----------------------------------------------------------------------- optimizer and sharded state
-    from glmv_jax.train.steps import batch_loss, init_state, train_step
+    # ------------------------------------------------------------------------- sharded state: restore or init
+    from glmv_jax.train.steps import batch_loss, train_step
 
-    layout = state_layout(model, cfg, mesh)
+    layout = setup.state_layout(model, cfg, mesh)
     param_shardings, tx, shardings = layout.param_shardings, layout.tx, layout.shardings
     replicated = NamedSharding(mesh, P())
     step_shardings = {k: shardings[k] for k in ("step", "params", "opt_state")}
-
-    # ------------------------------------------------------------ restore, or init (from scratch / init_from)
     checkpointer = TrainCheckpointer(workdir, keep=cfg.checkpoint.keep)
-    if resuming:
-        restored = checkpointer.restore(layout.restore_target(), data_iterator=train_iter)
-        rng = restored.pop("rng")
-        state = restored
-        print(f"glmv train: resumed from {checkpointer.directory}/{checkpointer.latest_step()} "
-              f"(mesh {sizes})", file=sys.stderr)
-    else:
-        rng = jax.device_put(jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.train.seed), 1)),
-                             replicated)
-        if init_from:
-            params = _load_init_params(init_from, model, layout.abstract_params, param_shardings)
-            print(f"glmv train: params from {init_from}", file=sys.stderr)
-        else:
-            params = init_sharded_params(model, cfg.train.seed, param_shardings)
-        state = jax.jit(lambda p: init_state(p, tx), out_shardings=step_shardings, donate_argnums=0)(params)
+    state = setup.restore_or_init(cfg, layout, checkpointer, model, mesh, resuming=resuming, data_iterator=train_iter)
+    rng = state.pop("rng")
     step = int(jax.device_get(state["step"]))
-    (workdir / "train_config.yaml").write_text(cfg.to_yaml())   # after a restore that fits this config
-    (workdir / "config.json").write_text(json.dumps(to_hf_dict(model), indent=2))
+    setup.write_run_files(workdir, cfg, model)   # after a restore that fits this config
 
     # ------------------------------------------------------------------------------ the compiled steps
-    compute_dtype = compute_dtype_of(cfg)
+    compute_dtype = setup.compute_dtype_of(cfg)
     batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(s)) for k, s in BATCH_SPECS.items()}
     train_fn = jax.jit(
         functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
@@ -232,55 +204,6 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-class StateLayout(NamedTuple):
-    """What a run's train state looks like before any array exists: shapes, shardings and the optimizer."""
-
-    param_shardings: Any
-    abstract_params: Any
-    tx: Any
-    abstract_state: Any      # {step, params, opt_state, rng} as ShapeDtypeStructs
-    shardings: Any
-
-    def restore_target(self):
-        """The abstract state with its shardings, as `TrainCheckpointer.restore` takes it."""
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.abstract_state, self.shardings)
-
-
-def state_layout(model: GlmvConfig, cfg: TrainConfig, mesh) -> StateLayout:
-    """The train state of `model` under `cfg.optimizer` on `mesh` (shared by `glmv train` and RLCS)."""
-    from glmv_jax.model.glmv import init_params
-    from glmv_jax.train.steps import init_state, state_shardings
-
-    param_shardings = mesh_lib.param_shardings(model, mesh)
-    abstract_params = jax.eval_shape(functools.partial(init_params, model, cfg.train.seed))
-    tx = make_optimizer(cfg.optimizer, abstract_params)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
-    abstract_state["rng"] = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    return StateLayout(param_shardings, abstract_params, tx, abstract_state,
-                       state_shardings(abstract_state, param_shardings, mesh))
-
-
-def image_processor(data, vision):
-    """The ImageProcessor of a run: `data` config's pixel limits, the vision tower's patch sizes."""
-    from glmv_jax.data.processor import ImageProcessor
-
-    return ImageProcessor(min_pixels=data.min_pixels, max_pixels=data.max_pixels, patch_size=vision.patch_size,
-                          temporal_patch_size=vision.temporal_patch_size, merge_size=vision.spatial_merge_size)
-
-
-def compute_dtype_of(cfg: TrainConfig):
-    """`train.compute_dtype` as a dtype, None for float32 (compute in the params' dtype)."""
-    return None if cfg.train.compute_dtype == "float32" else jnp.dtype(cfg.train.compute_dtype)
-
-
-def init_sharded_params(model: GlmvConfig, seed: int, param_shardings):
-    """Random params created in place on the mesh (one program, whatever the optimizer)."""
-    from glmv_jax.model.glmv import init_params
-
-    return jax.jit(functools.partial(init_params, model, seed), out_shardings=param_shardings)()
-
-
 def _place_batch(batch: dict[str, np.ndarray], *, mesh, vision, budgets: visual_layout.VisualBudgets):
     """Lay the visual arrays out in the run's fixed budgets (data/visual_layout's fixed mode: one compiled
     program; framed with data.frame_patches, one image per row) and place the batch on the mesh."""
@@ -302,65 +225,4 @@ def _warn_once(key: str, message: str) -> None:
         print(f"glmv train: warning: {message}", file=sys.stderr)
 
 
-def _use_compile_cache(path: str) -> None:
-    """Point JAX's persistent compilation cache at `path` (compiled programs are reused across runs)."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    path = str(Path(path).expanduser().resolve())
-    if jax.config.jax_compilation_cache_dir != path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        compilation_cache.reset_cache()
-
-
-def _load_init_params(path: str, model: GlmvConfig, abstract_params, param_shardings):
-    """Params to start from: a previous workdir (its latest checkpoint), an orbax folder or an HF folder."""
-    from glmv_jax.checkpoint import convert, hf
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"train.init_from: no folder at {folder}")
-    if has_checkpoint(folder):
-        saved = load_config(folder)
-        _same_model(saved, model, folder)
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              abstract_params, param_shardings)
-        return TrainCheckpointer(folder, read_only=True).restore_params(target)
-    if (folder / convert.PARAMS_DIR).is_dir():
-        saved, params = convert.load_orbax_params(folder)
-    elif (folder / "config.json").is_file():
-        saved, params = hf.load_hf_checkpoint(folder)
-    else:
-        raise FileNotFoundError(f"train.init_from: {folder} is neither a glmv workdir (checkpoints/), an orbax "
-                                "folder (config.json + params/) nor a Hugging Face folder (config.json + safetensors)")
-    _same_model(saved, model, folder)
-    return jax.device_put(params, param_shardings)
-
-
-def _same_model(saved: GlmvConfig, model: GlmvConfig, where: Path) -> None:
-    if saved == model:
-        return
-    a, b = saved.to_dict(), model.to_dict()
-    diffs = [f"{section}.{k}: {a[section][k]} there, {b[section][k]} here" for section in ("vision", "text")
-             for k in a[section] if a[section][k] != b[section][k]]
-    diffs += [f"{k}: {a[k]} there, {b[k]} here" for k in a if not isinstance(a[k], dict) and a[k] != b[k]]
-    raise ConfigError(f"train.init_from: the model in {where} differs from this run's: {'; '.join(diffs)}")
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def main(config: str, workdir: str, overrides: list[str]) -> int:
-    """`glmv train`: 0 when done, 3 when training diverged (bad config/data errors propagate to the CLI)."""
-    cfg = load_train_config(config, overrides)
-    try:
-        if cfg.rl is not None:
-            from glmv_jax.rl.loop import train_rl
-            final = train_rl(cfg, workdir)
-        else:
-            final = train(cfg, workdir)
-    except TrainingDiverged as e:
-        print(f"\nglmv train: error: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps({k: final[k] for k in ("step", "loss", "eval_loss", "eval_reward") if k in final}))
-    return 0
-
-
-__all__ = ["BATCH_SPECS", "TrainingDiverged", "init_sharded_params", "main", "train"]
+__all__ = ["BATCH_SPECS", "TrainingDiverged", "train"]

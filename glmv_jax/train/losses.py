@@ -26,7 +26,10 @@ def grpo_loss(new_logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, m
     new_logp, old_logp, mask (S, N): log-probs of the sampled tokens under the current and the
     rollout policy, 1 on response tokens; advantages (S,). Per token: -min(r A, clip(r, 1 - eps_low,
     1 + eps_high) A) with r = exp(new - old). Optional terms, off by default as in the paper: a KL
-    penalty to `ref_logp` (the k3 estimator) and an entropy bonus. Returns (loss, {clip_fraction, ratio}).
+    penalty `kl_coef` * k3 to `ref_logp` (S, N) (the reference policy's log-probs of the same tokens;
+    k3 = exp(ref - new) - (ref - new) - 1, an unbiased, non-negative estimate of KL(new || ref)) and an
+    entropy bonus -`entropy_coef` * `entropy` (S, N). Both are averaged like the policy term.
+    Returns (loss, {clip_fraction, ratio} + {kl} / {entropy}: their token means, when their coefficient is set).
     """
     mask = mask.astype(jnp.float32)
     ratio = jnp.exp(new_logp - old_logp)
@@ -34,16 +37,21 @@ def grpo_loss(new_logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, m
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     per_token = -jnp.minimum(unclipped, clipped)
+    tokens_total = jnp.maximum(mask.sum(), 1.0)
+    extra = {}
     if kl_coef:
         delta = ref_logp - new_logp
-        per_token = per_token + kl_coef * (jnp.exp(delta) - delta - 1.0)
+        kl = jnp.exp(delta) - delta - 1.0
+        per_token = per_token + kl_coef * kl
+        extra["kl"] = (kl * mask).sum() / tokens_total
     if entropy_coef:
         per_token = per_token - entropy_coef * entropy
+        extra["entropy"] = (entropy * mask).sum() / tokens_total
     tokens = mask.sum(-1)
     per_sample = (per_token * mask).sum(-1) / jnp.maximum(tokens, 1.0)
     has_tokens = (tokens > 0).astype(jnp.float32)
     loss = (per_sample * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
     was_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
-    aux = {"clip_fraction": (was_clipped * mask).sum() / jnp.maximum(mask.sum(), 1.0),
-           "ratio": (ratio * mask).sum() / jnp.maximum(mask.sum(), 1.0)}
+    aux = {"clip_fraction": (was_clipped * mask).sum() / tokens_total,
+           "ratio": (ratio * mask).sum() / tokens_total, **extra}
     return loss, aux

@@ -1,10 +1,14 @@
-"""AdamW with linear warmup + cosine decay, gradient clipping, decay masks, frozen parts, accumulation."""
+"""AdamW with linear warmup + cosine decay, gradient clipping, decay masks, frozen parts, accumulation.
+
+jax and optax are imported where the optimizer is built, so that the training config (which holds an
+`OptimizerConfig`) is read without them."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import jax
-import optax
+if TYPE_CHECKING:
+    import optax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +27,8 @@ class OptimizerConfig:
 
 
 def schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    import optax
+
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
                                               max(cfg.total_steps, cfg.warmup_steps + 1),
                                               cfg.learning_rate * cfg.end_learning_rate_ratio)
@@ -30,6 +36,9 @@ def schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
     """The full transformation; `params` (or their shapes) fix the masks."""
+    import jax
+    import optax
+
     mask = jax.tree_util.tree_map_with_path(lambda path, x: _decays(path, x), params)
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                      optax.adamw(schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask))

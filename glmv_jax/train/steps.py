@@ -1,4 +1,4 @@
-"""The loss of a packed batch, shared by the train and eval steps (and the AOT plan)."""
+"""The loss of a packed batch, shared by the train step, the trainer's evaluation (and the AOT plan)."""
 from __future__ import annotations
 
 import jax
@@ -75,7 +75,3 @@ def train_step(state: dict, batch: dict, *, config: GlmvConfig, tx, context: int
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-
-def eval_step(params, batch: dict, *, config: GlmvConfig, context: int = 1):
-    """(mean loss, token count) without gradients."""
-    return batch_loss(params, config, batch, context=context)
