@@ -20,7 +20,7 @@ import numpy as np
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.config import to_hf_dict
 from glmv_jax.data import synthetic
-from glmv_jax.parallel import mesh as mesh_lib
+from glmv_jax import sharding as mesh_lib
 from glmv_jax.rl import rewards, rlcs
 from glmv_jax.rl.curriculum import Curriculum
 from glmv_jax.train import sources as sources_lib

@@ -85,6 +85,7 @@ SOURCES = ("synthetic", "tfds", "jsonl")
 MODES = ("caption", "sft")
 REMAT_POLICIES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "cpu", "xla")  # glmv_jax.ops.attention.CHOICES, named here: a config imports no jax
 VOCAB_MULTIPLE = 128
 # model config fields taken from a tokenizer trained here, by tokenizer attribute
 TOKEN_FIELDS = ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
@@ -138,6 +139,7 @@ class TrainSection:
     remat_policy: str = "none"
     scan_layers: bool = True
     compute_dtype: str = "float32"
+    attention_impl: str = "auto"  # "cpu" | "xla"; "auto": from the backend (glmv_jax.ops.attention)
     log_every: int = 10
     eval_every: int = 0
     init_from: str | None = None
@@ -148,6 +150,7 @@ class TrainSection:
         _non_negative("train", self, "eval_every")
         _choice("train.remat_policy", self.remat_policy, REMAT_POLICIES)
         _choice("train.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _choice("train.attention_impl", self.attention_impl, ATTENTION_IMPLS)
 
 
 @dataclasses.dataclass(frozen=True)

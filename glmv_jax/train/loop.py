@@ -37,7 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.config import ConfigError, GlmvConfig, load_config, to_hf_dict
 from glmv_jax.model.inputs import frame_pixels
-from glmv_jax.parallel import mesh as mesh_lib
+from glmv_jax import sharding as mesh_lib
+from glmv_jax.model.glmv import check_model, param_shardings as model_param_shardings
 from glmv_jax.train import sources as sources_lib
 from glmv_jax.train.config import TrainConfig, check_model_tokenizer, load_train_config, model_for_tokenizer
 from glmv_jax.train.metrics import MetricsWriter, Progress, read_jsonl
@@ -86,7 +87,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     if trained_here:
         model = model_for_tokenizer(model, tokenizer)  # vocab and special ids follow the tokenizer trained here
     check_model_tokenizer(model, tokenizer)
-    mesh_lib.check_model(model, mesh)
+    check_model(model, mesh)
     mesh_lib.check_batch(mesh, cfg.data.batch_size, cfg.data.seq_len)
 
     # ------------------------------------------------------------------------------------------- data
@@ -145,11 +146,12 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict[str, Any]:
     train_fn = jax.jit(
         functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
                           remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype,
-                          scan_layers=cfg.train.scan_layers),
+                          scan_layers=cfg.train.scan_layers, attention_impl=cfg.train.attention_impl),
         in_shardings=(step_shardings, batch_shardings), out_shardings=(step_shardings, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(lambda params, batch: batch_loss(params, model, batch, context=mesh.shape["context"],
-                                                       compute_dtype=compute_dtype, scan_layers=cfg.train.scan_layers),
+                                                       compute_dtype=compute_dtype, scan_layers=cfg.train.scan_layers,
+                                                       attention_impl=cfg.train.attention_impl),
                       in_shardings=(param_shardings, batch_shardings), out_shardings=(replicated, replicated))
     learning_rate = schedule(cfg.optimizer)
 
@@ -257,7 +259,7 @@ def state_layout(model: GlmvConfig, cfg: TrainConfig, mesh) -> StateLayout:
     from glmv_jax.model.glmv import init_params
     from glmv_jax.train.steps import init_state, state_shardings
 
-    param_shardings = mesh_lib.param_shardings(model, mesh)
+    param_shardings = model_param_shardings(model, mesh)
     abstract_params = jax.eval_shape(functools.partial(init_params, model, cfg.train.seed))
     tx = make_optimizer(cfg.optimizer, abstract_params)
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
