@@ -2,8 +2,9 @@
 
 A leaf of the package: it imports nothing of glmv_jax but `errors`. Parameters carry logical axis names
 from their creation (`ops/dense.py`, `model/`); `RULES` maps each name to mesh axes (the model turns them
-into its parameters' shardings: `model.glmv.param_shardings`). Weights are sharded over `fsdp` and `context` on their embed dim (so context-parallel
-devices do not each hold a full copy) and over `tensor` by heads, MLP width and vocabulary.
+into its parameters' shardings: `model.glmv.param_shardings`). Weights are sharded over `fsdp` and
+`context` on their embed dim (so context-parallel devices do not each hold a full copy) and over `tensor`
+by heads, MLP width and vocabulary.
 Activations: batch over (data, fsdp), sequence over context, heads over tensor.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ import pytest
 from glmv_jax.errors import ConfigError
 from glmv_jax.generate.kv_cache import cache_layout, cached_attention
 from glmv_jax.ops.attention import CHOICES, attention, default_impl, resolve_impl
+from glmv_jax.train.config import ATTENTION_IMPLS
 
 B, T, S, H, K, D = 2, 13, 13, 6, 2, 5
 IMPLS = ["cpu", "xla"]
@@ -86,7 +87,7 @@ def test_impl_choice():
     """The default comes from the backend; "auto" means it; an unknown name is a ConfigError naming the choices."""
     assert default_impl() == ("cpu" if jax.default_backend() == "cpu" else "xla")
     assert resolve_impl(None) == resolve_impl("auto") == default_impl()
-    assert set(CHOICES) == {"auto", "cpu", "xla"}
+    assert set(CHOICES) == {"auto", "cpu", "xla"} and CHOICES == ATTENTION_IMPLS  # train.attention_impl's choices
     (q, k, v), masks, _ = case(False)
     with pytest.raises(ConfigError, match="unknown attention impl 'flash'; choose one of auto, cpu, xla"):
         attention(q, k, v, impl="flash", **masks)

@@ -295,6 +295,8 @@ def test_unknown_keys_and_overrides_are_named(tmp_path, capsys):
         from_dict(apply_overrides({}, ["train.steps=many"]))
     with pytest.raises(ConfigError, match=r"train\.scan_layers must be true or false"):
         from_dict(apply_overrides({}, ["train.scan_layers=maybe"]))
+    with pytest.raises(ConfigError, match=r"train\.attention_impl = 'flash' must be one of auto, cpu, xla"):
+        from_dict(apply_overrides({}, ["train.attention_impl=flash"]))
     with pytest.raises(ConfigError, match=r"mesh\.data = 0"):
         from_dict(apply_overrides({}, ["mesh.data=0"]))
     with pytest.raises(ConfigError, match=r"data\.mode = 'chat' must be one of caption, sft"):
