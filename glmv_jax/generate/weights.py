@@ -2,12 +2,10 @@
 
 `prepare(params)` turns model parameters into the weights `generate.sampler` runs on; the decoder layers
 exist once in them, as per-layer trees instead of the training stack. Prepare once and reuse across calls
-(evaluation, rollouts); with `donate=True` the stacked originals are freed, so one copy of the decoder
-weights is held (about 17 GB at 9B in bfloat16, instead of two).
+(evaluation, rollouts); with `donate=True` the stacked originals are deleted, so one copy of the decoder
+weights is held while decoding (about 17 GB at 9B in bfloat16, instead of two).
 """
 from __future__ import annotations
-
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +26,6 @@ def _layers(stacked: dict) -> tuple[dict, ...]:
 
 
 _split = jax.jit(_layers)
-_split_donated = jax.jit(_layers, donate_argnums=0)
 
 
 def is_prepared(params: dict) -> bool:
@@ -40,17 +37,17 @@ def prepare(params: dict, *, donate: bool = False) -> dict:
     """Model parameters -> inference weights: the same tree with params["decoder"]["layers"] (stacked, leading
     axis L) replaced by a tuple of L per-layer trees, q/k/v fused (`fuse_qkv`). Other arrays are shared.
 
-    donate: give the stacked layer arrays to the computation; they are deleted (the caller's copy too), so
-    only the per-layer weights remain. Weights already prepared are returned as they are.
+    donate: delete the stacked layer arrays once split (the caller's too: they are consumed), so that only the
+    per-layer weights remain (a donated buffer XLA cannot reuse for an output would stay alive). Weights
+    already prepared are returned as they are.
     """
     if is_prepared(params):
         return params
+    layers = _split(params["decoder"]["layers"])
     if donate:
-        with warnings.catch_warnings():  # the stack cannot be reused for the per-layer outputs: it is just freed
-            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            layers = _split_donated(params["decoder"]["layers"])
-    else:
-        layers = _split(params["decoder"]["layers"])
+        jax.block_until_ready(layers)
+        for x in jax.tree.leaves(params["decoder"]["layers"]):
+            x.delete()
     return {**params, "decoder": {**params["decoder"], "layers": layers}}
 
 
