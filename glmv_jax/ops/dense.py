@@ -12,8 +12,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 Dtype = jnp.dtype
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
-
-
 DENSE_OUTPUT = "dense"  # the checkpoint name of every dense layer's output (remat policies can save it)
 
 
