@@ -23,7 +23,7 @@ Figures, each in float32 and in bfloat16 on both sides (our params loaded as bfl
                      prefill inside that same call; the figure is that per new token (a batch step).
 Limits, measured in the same run: jitted 2048^3 matmul in f32 and in bf16 with f32 accumulation (torch's
 matmul beside it), and memory read bandwidth (jitted sum of a 1 GiB f32 array; torch's sum beside it).
-Utilisation: prefill and training FLOPs counted as MaxText does (`parallel.plan.model_flops`: matmuls,
+Utilisation: prefill and training FLOPs counted as MaxText does (`train.plan.model_flops`: matmuls,
 causal attention halved, vision tower included; a prefill is a third of a training step's, without the
 lm_head on all but the last token) over the measured matmul peak of the dtype; decode: bytes of the
 decoder + lm_head weights read per step over the measured bandwidth.
@@ -103,7 +103,7 @@ def _sample_kwargs(inputs: dict) -> dict:
 
 def _per_row_flops(config, seq: int, patches: int) -> float:
     """Training FLOPs (3x forward) of one row of `seq` tokens with one image of `patches` patches."""
-    from glmv_jax.parallel.plan import model_flops
+    from glmv_jax.train.plan import model_flops
     # model_flops bounds vision attention by all of a batch's patches; per row it is exactly one image's
     return model_flops(config, seq, patches, seq, 1)
 

@@ -125,16 +125,16 @@ def _program(section: str, config, params, batch: int, new_tokens: int):
     captured = {}
 
     def capture(original):
-        def wrapper(params, layers, config, state, **kw):
-            captured["layers"], captured["state"] = layers, jax.tree.map(jnp.copy, state)
-            return original(params, layers, config, state, **kw)
+        def wrapper(weights, config, state, **kw):
+            captured["weights"], captured["state"] = weights, jax.tree.map(jnp.copy, state)
+            return original(weights, config, state, **kw)
         return wrapper
 
     sampling = sampler.SamplingConfig(new_tokens, pad_id=0)
     with _patched(sampler, "decode", capture):
         sampler.sample(params, config, inputs["input_ids"], sampling=sampling, **_sample_kwargs(inputs))
-    fn = jax.jit(lambda p, layers, st: sampler.decode(p, layers, config, st, sampling=sampling, steps=new_tokens))
-    return fn, (params, captured["layers"], captured["state"])
+    fn = jax.jit(lambda w, st: sampler.decode(w, config, st, sampling=sampling, steps=new_tokens))
+    return fn, (captured["weights"], captured["state"])
 
 
 def main(argv: list[str] | None = None) -> int:

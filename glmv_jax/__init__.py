@@ -19,7 +19,7 @@ _LAZY = {
     "sample": "glmv_jax.generate.sampler",
     "forward": "glmv_jax.model.glmv", "init_params": "glmv_jax.model.glmv",
     "get_rope_index": "glmv_jax.model.rope",
-    "make_mesh": "glmv_jax.parallel.mesh",
+    "make_mesh": "glmv_jax.sharding",
 }
 
 __all__ = ["GlmvConfig", "SamplingConfig", "TextConfig", "VisionConfig", "forward", "generate", "get_rope_index",

@@ -71,6 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
     from glmv_jax.data.processor import ImageProcessor, VideoProcessor
     from glmv_jax.data.tokenizer import Tokenizer, check_ids
     from glmv_jax.generate.sampler import SamplingConfig, sample
+    from glmv_jax.generate.weights import prepare
 
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     config, params = load_model(args.model, dtype)
@@ -109,7 +110,8 @@ def _generate(args: argparse.Namespace) -> int:
             printed[0] = text
 
     ids = np.array([encoded["input_ids"]])
-    out = sample(params, config, ids, sampling=sampling, mm_token_type_ids=np.array([encoded["mm_token_type_ids"]]),
+    weights = prepare(params, donate=True)  # the decoder layers held once (the stacked originals are freed)
+    out = sample(weights, config, ids, sampling=sampling, mm_token_type_ids=np.array([encoded["mm_token_type_ids"]]),
                  seed=args.seed, steps_per_call=args.stream_every, on_tokens=stream, **extra)
     final = tokenizer.decode(shown[: _stop_index(shown, sampling.eos_ids)])
     print(final[len(printed[0]):])
@@ -122,7 +124,7 @@ def _plan(args: argparse.Namespace) -> int:
     import math
     import os
 
-    from glmv_jax.parallel.mesh import parse_mesh
+    from glmv_jax.sharding import parse_mesh
 
     sizes = parse_mesh(args.mesh)
     devices = math.prod(sizes.values())
@@ -131,7 +133,7 @@ def _plan(args: argparse.Namespace) -> int:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from glmv_jax.config import load_config
-    from glmv_jax.parallel.plan import plan, report
+    from glmv_jax.train.plan import plan, report
 
     config = load_config(args.config)
     print(f"compiling the train step for {args.config} on {devices} simulated devices ...", file=sys.stderr)

@@ -6,7 +6,7 @@
 #
 # Variables: PROCESSES (default 2), DEVICES_PER_PROCESS (default 4), PORT (default 12355),
 # PYTHON (default .venv/bin/python). COMMAND defaults to the distributed self-check
-# (`$PYTHON -m glmv_jax.parallel.distributed`); e.g. `.venv/bin/glmv train --config ... --workdir ...`.
+# (`$PYTHON -m glmv_jax.train.distributed`); e.g. `.venv/bin/glmv train --config ... --workdir ...`.
 # Every process gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_PLATFORMS=cpu and
 # XLA_FLAGS with the device count; their output goes to stdout prefixed with the process id.
 set -euo pipefail
@@ -17,7 +17,7 @@ PROCESSES=${PROCESSES:-2}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-4}
 PORT=${PORT:-12355}
 PYTHON=${PYTHON:-.venv/bin/python}
-if [[ $# -eq 0 ]]; then set -- "$PYTHON" -m glmv_jax.parallel.distributed; fi
+if [[ $# -eq 0 ]]; then set -- "$PYTHON" -m glmv_jax.train.distributed; fi
 
 pids=()
 for ((i = 0; i < PROCESSES; i++)); do

@@ -1,9 +1,10 @@
 """The attention core against a plain dense-mask softmax differentiated by JAX: outputs and gradients.
 
-`layers.attention` runs its own custom VJP (flash-style, query chunks, head-major layout); tests/test_gradients.py
-holds it to transformers inside the whole model. Here: grouped-query heads, segments with padding, causal (by
-indices, or in column order with key blocks skipped) and not, one chunk and several uneven chunks.
-`cached_attention` (decode) against the same reference on cache slots.
+`ops.attention` in each implementation: "cpu" runs its own custom VJP (flash-style, query chunks, head-major
+layout), "xla" is `jax.nn.dot_product_attention` with a mask; tests/test_gradients.py holds them to transformers
+inside the whole model. Here: grouped-query heads, segments with padding, causal (by indices, or in column order
+with key blocks skipped) and not, one chunk and several uneven chunks. `cached_attention` (decode) against the
+same reference on cache slots.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glmv_jax.model.decoder import cache_layout
-from glmv_jax.model.layers import attention, cached_attention
+from glmv_jax.errors import ConfigError
+from glmv_jax.generate.kv_cache import cache_layout, cached_attention
+from glmv_jax.ops.attention import CHOICES, attention, default_impl, resolve_impl
+from glmv_jax.train.config import ATTENTION_IMPLS
 
 B, T, S, H, K, D = 2, 13, 13, 6, 2, 5
+IMPLS = ["cpu", "xla"]
 
 
 def reference(q, k, v, allowed):
@@ -48,14 +52,15 @@ def case(causal):
     return (q, k, v), masks, allowed
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("causal", ["columns", "indices", False])
 @pytest.mark.parametrize("chunk", [None, 4])  # 4: four uneven query chunks (lax.map / lax.scan, or prefix blocks)
-def test_attention_and_its_gradients_equal_the_dense_reference(causal, chunk):
+def test_attention_and_its_gradients_equal_the_dense_reference(causal, chunk, impl):
     args, masks, allowed = case(causal)
     cotangent = jax.random.normal(jax.random.key(9), (B, T, H, D))
-    ours = lambda *a: jnp.vdot(attention(*a, chunk=chunk, **masks), cotangent)  # noqa: E731
+    ours = lambda *a: jnp.vdot(attention(*a, chunk=chunk, impl=impl, **masks), cotangent)  # noqa: E731
     theirs = lambda *a: jnp.vdot(reference(*a, allowed), cotangent)  # noqa: E731
-    out, ref = attention(*args, chunk=chunk, **masks), reference(*args, allowed)
+    out, ref = attention(*args, chunk=chunk, impl=impl, **masks), reference(*args, allowed)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert np.all(np.asarray(out)[0, 11:] == 0)  # padding queries see no key: exactly 0
     for g_ours, g_ref in zip(jax.grad(ours, argnums=(0, 1, 2))(*args), jax.grad(theirs, argnums=(0, 1, 2))(*args)):
@@ -70,15 +75,28 @@ def test_cached_attention_equals_the_dense_reference():
     np.testing.assert_allclose(out, reference(q, k, v, valid[:, None, :]), atol=1e-5, rtol=1e-5)
 
 
-def test_column_order_needs_as_many_keys_as_queries():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_column_order_needs_as_many_keys_as_queries(impl):
     (q, k, v), masks, _ = case(False)
     with pytest.raises(ValueError, match="as many keys as queries"):
         attention(q, k[:, :-1], v[:, :-1], q_segment=masks["q_segment"], kv_segment=masks["kv_segment"][:, :-1],
-                  causal=True)
+                  causal=True, impl=impl)
 
 
-def test_column_order_with_long_blocks_runs_each_block_in_chunks():
-    """41 queries in chunks of 2: the cap of 16 blocks gives blocks of 3 queries (14 of them), each run 2 at a time."""
+def test_impl_choice():
+    """The default comes from the backend; "auto" means it; an unknown name is a ConfigError naming the choices."""
+    assert default_impl() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_impl(None) == resolve_impl("auto") == default_impl()
+    assert set(CHOICES) == {"auto", "cpu", "xla"} and CHOICES == ATTENTION_IMPLS  # train.attention_impl's choices
+    (q, k, v), masks, _ = case(False)
+    with pytest.raises(ConfigError, match="unknown attention impl 'flash'; choose one of auto, cpu, xla"):
+        attention(q, k, v, impl="flash", **masks)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_column_order_with_long_blocks_runs_each_block_in_chunks(impl):
+    """41 queries in chunks of 2: the cap of 16 blocks gives blocks of 3 queries (14 of them), each run 2 at a time
+    ("cpu"; "xla" has no chunks: the same case holds it to the reference on a longer sequence)."""
     t = 41
     keys = jax.random.split(jax.random.key(5), 4)
     q, k, v = (jax.random.normal(key, (B, t, h, D)) for key, h in zip(keys, (H, K, K)))
@@ -87,10 +105,11 @@ def test_column_order_with_long_blocks_runs_each_block_in_chunks():
     allowed = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] != 0)
                & (columns[None, None, :] <= columns[None, :, None]))
     cotangent = jax.random.normal(keys[3], (B, t, H, D))
-    ours = lambda *a: jnp.vdot(attention(*a, q_segment=segment, kv_segment=segment, causal=True, chunk=2),  # noqa: E731
-                               cotangent)
+    ours = lambda *a: jnp.vdot(attention(*a, q_segment=segment, kv_segment=segment, causal=True, chunk=2,  # noqa: E731
+                                         impl=impl), cotangent)
     theirs = lambda *a: jnp.vdot(reference(*a, allowed), cotangent)  # noqa: E731
-    np.testing.assert_allclose(attention(q, k, v, q_segment=segment, kv_segment=segment, causal=True, chunk=2),
+    np.testing.assert_allclose(attention(q, k, v, q_segment=segment, kv_segment=segment, causal=True, chunk=2,
+                                         impl=impl),
                                reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
     for g_ours, g_ref in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(theirs, argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(g_ours, g_ref, atol=1e-5, rtol=1e-5)

@@ -85,7 +85,7 @@ def test_swiglu_and_its_gradients_equal_autodiff():
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from glmv_jax.model.layers import swiglu
+    from glmv_jax.ops.swiglu import swiglu
 
     gate, up, d_out = (jax.random.normal(k, (3, 7, 11)) * 3 for k in jax.random.split(jax.random.key(0), 3))
     plain = lambda g, u: nn.silu(g) * u  # noqa: E731

@@ -65,14 +65,14 @@ def test_public_names_resolve_on_access():
     from glmv_jax.config import GlmvConfig
     from glmv_jax.generate import sampler
     from glmv_jax.model import glmv, rope
-    from glmv_jax.parallel import mesh
+    from glmv_jax import sharding
 
     assert glmv_jax.forward is glmv.forward and glmv_jax.init_params is glmv.init_params
     assert glmv_jax.get_rope_index is rope.get_rope_index
     assert glmv_jax.generate is sampler.generate and glmv_jax.sample is sampler.sample
     assert glmv_jax.SamplingConfig is sampler.SamplingConfig
     assert glmv_jax.load_hf_checkpoint is hf.load_hf_checkpoint and glmv_jax.save_hf_checkpoint is hf.save_hf_checkpoint
-    assert glmv_jax.GlmvConfig is GlmvConfig and glmv_jax.make_mesh is mesh.make_mesh
+    assert glmv_jax.GlmvConfig is GlmvConfig and glmv_jax.make_mesh is sharding.make_mesh
     for name in glmv_jax.__all__:
         assert getattr(glmv_jax, name) is not None
         assert name in dir(glmv_jax)

@@ -189,6 +189,15 @@ def test_logits_equal_reference(tiny_pair, case):
     assert relative_error(ours, ref) <= MODEL_TOL
 
 
+@pytest.mark.parametrize("case", ["left_padded_batch_with_text_only_row", "video_with_timestamps"])
+def test_logits_equal_reference_with_xla_attention(tiny_pair, case):
+    """The portable attention (`attention_impl="xla"`: jax.nn.dot_product_attention) in every vision block and
+    decoder layer, whatever the backend: images, a video, padding and a text-only row."""
+    config, model, params, _ = tiny_pair
+    ours, ref, _ = run_both(config, model, params, cases(config)[case], attention_impl="xla")
+    assert relative_error(ours, ref) <= MODEL_TOL
+
+
 def test_logits_with_explicit_types_and_positions(tiny_pair):
     """mm_token_type_ids and position_ids given by the caller are honoured."""
     config, model, params, _ = tiny_pair

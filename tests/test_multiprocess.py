@@ -33,7 +33,7 @@ def test_two_processes_give_the_single_process_loss():
                            text=True, timeout=300, cwd=ROOT)
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
     single_env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    single = subprocess.run([sys.executable, "-m", "glmv_jax.parallel.distributed"], env=single_env,
+    single = subprocess.run([sys.executable, "-m", "glmv_jax.train.distributed"], env=single_env,
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = last_json(multi.stdout), last_json(single.stdout)

@@ -11,8 +11,9 @@ import pytest
 
 from glmv_jax import forward
 from glmv_jax.data.visual_layout import frame_pixels
-from glmv_jax.parallel import mesh as mesh_lib
-from glmv_jax.parallel.context import balanced_order
+from glmv_jax import sharding as mesh_lib
+from glmv_jax.model.glmv import check_model, param_shardings
+from glmv_jax.ops.context import balanced_order
 from glmv_jax.shapes import pow2, round_up, bucket
 from glmv_jax.train.steps import batch_loss
 from reference import Prompt, relative_error
@@ -76,7 +77,7 @@ def check_sharded_loss_and_grads(reference_run, sizes, batch, specs):
     """The loss and every gradient of `batch` on a mesh of `sizes` equal the single-device run within 1e-5."""
     config, params, _, ref_loss, ref_grads, _ = reference_run
     mesh = mesh_lib.make_mesh(**sizes)
-    sharded = jax.device_put(params, mesh_lib.param_shardings(config, mesh))
+    sharded = jax.device_put(params, param_shardings(config, mesh))
     placed = mesh_lib.shard_batch(batch, mesh, specs)
     with jax.set_mesh(mesh):
         loss_grad = jax.jit(jax.value_and_grad(
@@ -119,7 +120,7 @@ def test_framed_pixels_sharded_equal_flat_single_device(reference_run, sizes):
 def test_params_are_split_over_tensor_and_fsdp(tiny_pair):
     config, _, params, _ = tiny_pair
     mesh = mesh_lib.make_mesh(fsdp=2, tensor=4 // 2, data=2)
-    sharded = jax.device_put(params, mesh_lib.param_shardings(config, mesh))
+    sharded = jax.device_put(params, param_shardings(config, mesh))
     q = sharded["decoder"]["layers"]["q"]["kernel"]  # (L, embed, heads, head_dim)
     shard = q.addressable_shards[0].data.shape
     assert shard == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2, q.shape[3])
@@ -133,7 +134,7 @@ def test_params_are_split_over_tensor_and_fsdp(tiny_pair):
 def test_sizes_that_do_not_divide_are_caught(tiny_pair):
     config, _, params, _ = tiny_pair
     with pytest.raises(mesh_lib.MeshError, match="num_kv_heads = 2 is not divisible by tensor = 4"):
-        mesh_lib.check_model(config, mesh_lib.make_mesh(data=2, tensor=4))
+        check_model(config, mesh_lib.make_mesh(data=2, tensor=4))
     mesh = mesh_lib.make_mesh(data=2, context=4)
     with pytest.raises(mesh_lib.MeshError, match="not divisible by 2 x context = 8"):
         forward(params, config, np.ones((2, 20), np.int32), mesh=mesh)
@@ -148,7 +149,7 @@ def test_load_hf_checkpoint_places_shards_directly(tiny_pair):
     config, _, params, path = tiny_pair
     mesh = mesh_lib.make_mesh(data=2, tensor=2, context=2)
     _, sharded = load_hf_checkpoint(path, mesh=mesh)
-    expected = mesh_lib.param_shardings(config, mesh)
+    expected = param_shardings(config, mesh)
     for got, want, ref in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected), jax.tree.leaves(params)):
         assert got.sharding.is_equivalent_to(want, got.ndim)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
@@ -165,7 +166,7 @@ def test_context_parallel_activation_memory_is_about_a_quarter():
     Measured: 3.10 GB vs 0.83 GB, ratio 0.27.
     """
     from glmv_jax import load_config
-    from glmv_jax.parallel.plan import plan
+    from glmv_jax.train.plan import plan
     small = load_config("small")
     one = plan(small, {}, seq=8192, image_tokens=0, remat_policy="full")
     four = plan(small, {"context": 4}, seq=8192, image_tokens=0, remat_policy="full")

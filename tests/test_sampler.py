@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from glmv_jax import SamplingConfig, forward, generate, sample
+from glmv_jax import SamplingConfig, forward, generate, init_params, sample
 from glmv_jax.generate import sampler
-from glmv_jax.model.decoder import cache_layout, unstack_layers
+from glmv_jax.generate.kv_cache import cache_layout
+from glmv_jax.generate.weights import prepare
 from glmv_jax.model.inputs import InputError
 from reference import Prompt, batch, relative_error
 
@@ -97,10 +98,9 @@ def test_decode_makes_no_host_transfer(tiny_pair):
         "logprobs": jnp.zeros((b, 8)), "lengths": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
         "think_closed": jnp.zeros((b,), bool), "think_count": jnp.zeros((b,), jnp.int32),
         "force_step": jnp.full((b,), -1, jnp.int32), "forced": jnp.zeros((b,), bool)}
-    params = jax.device_put(params)
-    layers = jax.jit(unstack_layers)(params["decoder"])
+    weights = prepare(jax.device_put(params))
     with jax.transfer_guard("disallow"):
-        new = sampler.decode(params, layers, config, state, sampling=s, steps=8)
+        new = sampler.decode(weights, config, state, sampling=s, steps=8)
         jax.block_until_ready(new)
     assert int(new["step"]) == 8 and out.tokens.shape == (1, 8)
 
@@ -158,3 +158,28 @@ def test_right_padding_and_too_long_are_refused(tiny_pair):
         generate(params, config, ids, attention_mask=np.array([[1, 1, 1, 1, 1, 0]]), max_new_tokens=4)
     with pytest.raises(InputError, match="max_position_embeddings"):
         generate(params, config, ids, max_new_tokens=config.text.max_position_embeddings)
+
+
+def test_decode_holds_one_copy_of_the_decoder_weights(tiny_config):
+    """Generation keeps each decoder weight once: `prepare(params, donate=True)` frees the stacked layers it turns
+    into per-layer weights, and while decoding on them the only arrays added are the caches and the decode state
+    (before: prefill returned a fused per-layer copy of the layers that decode held beside the originals)."""
+    config = tiny_config
+    params = jax.jit(lambda: init_params(config, 0))()
+    nbytes = lambda arrays: sum(x.nbytes for x in arrays)  # noqa: E731
+    live = lambda: nbytes({id(x): x for x in jax.live_arrays()}.values())  # noqa: E731
+    layer_bytes, total = nbytes(jax.tree.leaves(params["decoder"]["layers"])), nbytes(jax.tree.leaves(params))
+    weights = prepare(params, donate=True)
+    assert all(x.is_deleted() for x in jax.tree.leaves(params["decoder"]["layers"]))
+    assert nbytes(jax.tree.leaves(weights)) == total
+    del params
+    b, new, cache_slots = 2, 8, 128
+    t = config.text
+    cache_bytes = t.num_layers * 2 * b * t.num_kv_heads * t.head_dim * cache_slots * 4
+    before, during = live(), []
+    ids = np.array([Prompt(config, 2).text(9).ids] * b)
+    out = sample(weights, config, ids, sampling=SamplingConfig(new, pad_id=299), steps_per_call=new // 2,
+                 on_tokens=lambda _: during.append(live()))
+    assert out.tokens.shape == (b, new) and len(during) == 2
+    assert cache_bytes < layer_bytes
+    assert max(during) - before <= cache_bytes + layer_bytes // 4, (max(during) - before, cache_bytes, layer_bytes)

@@ -271,12 +271,12 @@ def test_restore_onto_other_mesh_continues_the_same(tiny_run, tmp_path):
     assert abs(got[42] - want[42]) <= 1e-4 * abs(want[42]), (got[42], want[42])
 
     # the arrays are read straight into the new mesh's shardings
-    from glmv_jax.parallel import mesh as mesh_lib
+    from glmv_jax.model.glmv import init_params, param_shardings
+    from glmv_jax.sharding import make_mesh
 
     model = load_config(workdir)
-    mesh = mesh_lib.make_mesh(**MESH_B)
-    shardings = mesh_lib.param_shardings(model, mesh)
-    from glmv_jax.model.glmv import init_params
+    mesh = make_mesh(**MESH_B)
+    shardings = param_shardings(model, mesh)
 
     shapes = jax.eval_shape(lambda: init_params(model))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
@@ -330,6 +330,8 @@ def test_unknown_keys_and_overrides_are_named(tmp_path, capsys):
         from_dict(apply_overrides({}, ["train.steps=many"]))
     with pytest.raises(ConfigError, match=r"train\.scan_layers must be true or false"):
         from_dict(apply_overrides({}, ["train.scan_layers=maybe"]))
+    with pytest.raises(ConfigError, match=r"train\.attention_impl = 'flash' must be one of auto, cpu, xla"):
+        from_dict(apply_overrides({}, ["train.attention_impl=flash"]))
     with pytest.raises(ConfigError, match=r"mesh\.data = 0"):
         from_dict(apply_overrides({}, ["mesh.data=0"]))
     with pytest.raises(ConfigError, match=r"data\.mode = 'chat' must be one of caption, sft"):
@@ -369,9 +371,10 @@ def test_frozen_vision_tower_does_not_move(compile_cache, tmp_path):
     workdir = tmp_path / "run"
     loop.train(from_dict(raw), workdir)
     model = load_config(workdir)
-    from glmv_jax.parallel import mesh as mesh_lib
+    from glmv_jax.model.glmv import param_shardings
+    from glmv_jax.sharding import make_mesh
 
-    shardings = mesh_lib.param_shardings(model, mesh_lib.make_mesh(**MESH_A))
+    shardings = param_shardings(model, make_mesh(**MESH_A))
     initial = jax.device_get(setup.init_sharded_params(model, 0, shardings))  # the run's own init
     shapes = jax.eval_shape(lambda: init_params(model))
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])

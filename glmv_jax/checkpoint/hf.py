@@ -200,7 +200,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
         raise CheckpointError(f"{path}: checkpoint does not match its config.json: {shown}")
     shardings = None
     if mesh is not None:
-        from glmv_jax.parallel.mesh import check_model, param_shardings
+        from glmv_jax.model.glmv import check_model, param_shardings
         check_model(config, mesh)
         shardings = param_shardings(config, mesh)
 

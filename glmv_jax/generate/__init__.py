@@ -1,1 +1,2 @@
-"""Generation: jitted prefill and an on-device decode loop over a KV cache."""
+"""Generation: inference weights (per layer, q/k/v fused), the KV cache, a jitted prefill and an on-device decode
+loop (sampling, thinking budget)."""

@@ -4,8 +4,8 @@ Prompts are left-padded (to a length bucket) so every row writes its next token 
 slot; each row keeps its own 3D rope position (`max prefill position + 1 + k`, as transformers).
 The loop runs wholly on device; `steps_per_call` only sets how often control comes back to the host
 (for streaming), and the decode program compiles once per (batch, cache size, sampling settings).
-A decode step runs the layers unrolled over per-layer weights and per-layer caches
-(`decoder.decode_step`): no step copies a layer's weights or cache out of a stack.
+Both run on inference weights (`generate.weights.prepare`: the decoder layers once, as per-layer trees);
+a decode step runs the layers unrolled over them and per-layer caches (`generate.decode.decode_step`).
 """
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ import numpy as np
 from glmv_jax.config import GlmvConfig
 from glmv_jax.data.visual_layout import pad_visual
 from glmv_jax.errors import ConfigError
+from glmv_jax.generate.decode import decode_step, prefill_hidden
+from glmv_jax.generate.kv_cache import cache_layout
+from glmv_jax.generate.weights import prepare, without_layers
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
-from glmv_jax.model.decoder import Decoder, cache_layout, decode_step, fuse_qkv, unrolled_hidden, unstack_layers
+from glmv_jax.model.decoder import Decoder
 from glmv_jax.model.glmv import Glmv, params_dtype
+from glmv_jax.ops.logprobs import token_log_probs
 from glmv_jax.shapes import bucket, round_up
-from glmv_jax.train.losses import token_log_probs
 
 NOT_FORCING, FORCE_DONE = -1, -2
 
@@ -103,34 +106,34 @@ def _text_model(config: GlmvConfig, dtype) -> Decoder:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_size"))
-def prefill(params, config: GlmvConfig, input_ids, attention_mask, token_types, position_ids, pixel_values,
+def prefill(weights, config: GlmvConfig, input_ids, attention_mask, token_types, position_ids, pixel_values,
             image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int):
-    """Run the prompt (B, T). Returns the last position's logits (B, V) float32; per layer, (k, v) caches of
-    cache_size slots in `decoder.cache_layout` (what `decoder.decode_step` reads and writes); and the
-    decoder's per-layer weights (`decoder.unstack_layers`, q/k/v fused by `decoder.fuse_qkv`), which this
-    pass and the decode steps run on."""
-    dtype = params_dtype(params)
+    """Run the prompt (B, T) on inference weights (`weights.prepare`). Returns the last position's logits (B, V)
+    float32 and, per layer, (k, v) caches of cache_size slots in `kv_cache.cache_layout` (what
+    `decode.decode_step` reads and writes)."""
+    dtype = params_dtype(weights)
+    top = without_layers(weights["decoder"])
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
 
     def embed(model: Glmv):
         return model.embed_inputs(input_ids, token_types, cast(pixel_values), image_grid_thw,
                                   cast(pixel_values_videos), video_grid_thw)
 
-    x = Glmv(config, dtype).apply({"params": params}, method=embed)
-    text, layers = _text_model(config, dtype), tuple(map(fuse_qkv, unstack_layers(params["decoder"])))
-    h, kv = unrolled_hidden(text, params["decoder"], layers, x, position_ids, attention_mask, None)
+    x = Glmv(config, dtype).apply({"params": {**weights, "decoder": top}}, method=embed)
+    text = _text_model(config, dtype)
+    h, kv = prefill_hidden(text, weights["decoder"], x, position_ids, attention_mask, None)
     # The last two positions, not one: XLA:CPU runs a one-row bf16 matmul by converting the whole
     # (hidden, vocab) lm_head to f32 first (24 ms for `small`, against 1.6 ms for two rows).
-    logits = text.apply({"params": params["decoder"]}, h[:, -2:], method=Decoder.logits)[:, -1]
+    logits = text.apply({"params": top}, h[:, -2:], method=Decoder.logits)[:, -1]
     pad = [(0, 0), (0, cache_size - input_ids.shape[1]), (0, 0), (0, 0)]
-    return logits.astype(jnp.float32), tuple(cache_layout(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kv), layers
+    return logits.astype(jnp.float32), tuple(cache_layout(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kv)
 
 
-def _feed(params, layers, config: GlmvConfig, token, state):
+def _feed(weights, config: GlmvConfig, token, state):
     """One decoder step for `token` (B,) at the cache slot `write_pos`: logits (B, V) float32, new caches."""
     meta = {"write_pos": state["write_pos"], "segment": state["cache_segment"]}
     positions = jnp.broadcast_to(state["next_pos"][None, :, None], (3, token.shape[0], 1))
-    logits, kv = decode_step(_text_model(config, params_dtype(params)), params["decoder"], layers, token, positions,
+    logits, kv = decode_step(_text_model(config, params_dtype(weights)), weights["decoder"], token, positions,
                              state["kv"], meta)
     return logits.astype(jnp.float32), kv
 
@@ -151,10 +154,9 @@ def _apply_budget(token, state, s: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "steps"), donate_argnames=("state",))
-def decode(params, layers, config: GlmvConfig, state: dict, *, sampling: SamplingConfig, steps: int) -> dict:
-    """Run up to `steps` decode steps on device (fewer if every row stopped); returns the new state.
-
-    layers: the per-layer decoder weights `prefill` returned (`decoder.unstack_layers`)."""
+def decode(weights, config: GlmvConfig, state: dict, *, sampling: SamplingConfig, steps: int) -> dict:
+    """Run up to `steps` decode steps on device (fewer if every row stopped) on inference weights
+    (`weights.prepare`, the same `prefill` ran on); returns the new state."""
     s = sampling
     stop_at = jnp.minimum(state["step"] + steps, s.max_new_tokens)
     eos = jnp.array(s.eos_ids or (-1,), jnp.int32)
@@ -173,7 +175,7 @@ def decode(params, layers, config: GlmvConfig, state: dict, *, sampling: Samplin
               "lengths": st["lengths"] + ~done,
               "done": done | jnp.isin(token, eos),
               "cache_segment": st["cache_segment"].at[:, st["write_pos"]].set(1)}
-        logits, kv = _feed(params, layers, config, token, st)
+        logits, kv = _feed(weights, config, token, st)
         return {**st, "logits": logits, "kv": kv, "step": st["step"] + 1, "write_pos": st["write_pos"] + 1,
                 "next_pos": st["next_pos"] + 1}
 
@@ -188,6 +190,9 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
            on_tokens: Callable[[np.ndarray], None] | None = None, mesh=None) -> SampleOutput:
     """Generate up to `sampling.max_new_tokens` tokens after each prompt row (left padding, like transformers).
 
+    `params`: the model's parameters, or inference weights from `generate.weights.prepare` (prepare once to
+    reuse them across calls; `prepare(params, donate=True)` keeps one copy of the decoder weights). Model
+    parameters are prepared here, for this call: their decoder layers are then held twice until it returns.
     `on_tokens`, if given, is called with the (B, n) tokens produced by each call of the decode
     program (every `steps_per_call` steps), for streaming.
     """
@@ -213,7 +218,8 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
     pixel_values_videos, video_grid = pad_visual(pixel_values_videos, video_grid, config.vision)
     positions, _ = rope.get_rope_index(config, ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
                                        attention_mask=mask, mm_token_type_ids=types)
-    logits, kv, layers = prefill(params, config, ids, mask, types, positions, pixel_values, image_grid,
+    weights = prepare(params)
+    logits, kv = prefill(weights, config, ids, mask, types, positions, pixel_values, image_grid,
                          pixel_values_videos, video_grid, cache_size=cache_size)
     n = sampling.max_new_tokens
     state = {
@@ -228,7 +234,7 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
     steps = steps_per_call or n
     while True:
         before = int(state["step"]) if on_tokens else 0
-        state = decode(params, layers, config, state, sampling=sampling, steps=steps)
+        state = decode(weights, config, state, sampling=sampling, steps=steps)
         step = int(state["step"])
         if on_tokens:
             on_tokens(np.asarray(state["tokens"][:, before:step]))

@@ -1,20 +1,26 @@
-"""GLM-4.1V: vision tower + projector, visual features scattered into the token embeddings, decoder."""
+"""GLM-4.1V: vision tower + projector, visual features scattered into the token embeddings, decoder; its
+parameters' initialisation, logical axes and shardings."""
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glmv_jax import sharding
 from glmv_jax.config import GlmvConfig
 from glmv_jax.data.visual_layout import pad_visual
+from glmv_jax.errors import MeshError
 from glmv_jax.model import inputs, rope
 from glmv_jax.model.decoder import Decoder
 from glmv_jax.model.projector import Projector
 from glmv_jax.model.vision import VisionTower
-from glmv_jax.parallel.context import unsharded
+from glmv_jax.ops.attention import resolve_impl
+from glmv_jax.ops.context import balanced_order, reorder
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
@@ -32,13 +38,15 @@ class Glmv(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = True  # decoder layers in a scan (compile time independent of depth) or unrolled
+    attention_impl: str | None = None  # `ops.attention` impl of every attention; None: from the backend
 
     def setup(self):
         cfg = self.config
-        self.vision = VisionTower(cfg.vision, self.param_dtype, remat=self.remat_policy != "none")
+        self.vision = VisionTower(cfg.vision, self.param_dtype, remat=self.remat_policy != "none",
+                                  attention_impl=self.attention_impl)
         self.projector = Projector(cfg.vision, self.param_dtype)
         self.decoder = Decoder(cfg.text, cfg.tie_word_embeddings, self.param_dtype, self.remat_policy,
-                               self.scan_layers)
+                               self.scan_layers, self.attention_impl)
 
     def encode_visual(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
         """pixel_values (N, patch_dim) or framed (F, W, patch_dim) (see `vision`), grid_thw (G, 3) -> merged
@@ -87,8 +95,6 @@ def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, p
     with `jnp.argsort(order)`) and, if reordered (context > 1), index (each token's original column).
     `extra` per-token (B, T) arrays (e.g. targets, loss_mask) are returned under their names, reordered alike.
     """
-    from glmv_jax.parallel.context import balanced_order, reorder
-
     types = rope.token_types(config, input_ids) if token_types is None else token_types
     types = jnp.where(segment_ids > 0, types, 0)
     if position_ids is None:
@@ -106,30 +112,32 @@ def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, p
 
 
 def apply(params, config: GlmvConfig, tokens: dict, visual: dict, remat_policy: str = "none",
-          scan_layers: bool = True) -> jax.Array:
-    """Logits (B, T, V) in the order of `tokens` (see `token_inputs`); visual = pixel values and grids."""
+          scan_layers: bool = True, attention_impl: str | None = None) -> jax.Array:
+    """Logits (B, T, V) in the order of `tokens` (see `token_inputs`); visual = pixel values and grids.
+    attention_impl: "cpu", "xla" or None / "auto" (from the backend), see `glmv_jax.ops.attention`."""
     dtype = params_dtype(params)
     visual = {k: (v.astype(dtype) if k.startswith("pixel") and v is not None else v) for k, v in visual.items()}
-    return Glmv(config, dtype, remat_policy, scan_layers).apply(
+    return Glmv(config, dtype, remat_policy, scan_layers, resolve_impl(attention_impl)).apply(
         {"params": params}, tokens["input_ids"], tokens["position_ids"], tokens["segment"], tokens["token_types"],
         index=tokens.get("index"), ranks=(tokens["image_rank"], tokens["video_rank"]), **visual)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "remat_policy", "context"))
+@functools.partial(jax.jit, static_argnames=("config", "remat_policy", "context", "attention_impl"))
 def forward_jit(params, config: GlmvConfig, input_ids, segment_ids, position_ids, mm_token_type_ids, pixel_values,
-                image_grid_thw, pixel_values_videos, video_grid_thw, remat_policy: str = "none", context: int = 1):
+                image_grid_thw, pixel_values_videos, video_grid_thw, remat_policy: str = "none", context: int = 1,
+                attention_impl: str | None = None):
     """The jitted forward on checked, bucketed inputs (see `glmv_jax.model.inputs`); logits in input order."""
     tokens = token_inputs(config, input_ids, segment_ids, mm_token_type_ids, position_ids, image_grid_thw,
                           video_grid_thw, context)
     visual = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
               "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
-    logits = apply(params, config, tokens, visual, remat_policy)
+    logits = apply(params, config, tokens, visual, remat_policy, attention_impl=attention_impl)
     return jnp.take(logits, jnp.argsort(tokens["order"]), axis=1) if context > 1 else logits
 
 
 def forward(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None,
             pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, position_ids=None, mesh=None,
-            segment_ids=None, remat_policy: str = "none"):
+            segment_ids=None, remat_policy: str = "none", attention_impl: str | None = None):
     """Logits (B, T, vocab) of GLM-4.1V, as transformers' Glm4vForConditionalGeneration computes them.
 
     Inputs are checked on the host first (shapes, vocabulary range, placeholder count against the
@@ -140,7 +148,9 @@ def forward(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel
     image grids; its text-only forward counts pads too, so pass position_ids there to compare).
     `segment_ids` (B, T) packs several examples per row (1..k, 0 padding) instead of attention_mask.
     With `mesh`, runs sharded over it (params may already be placed with `param_shardings`).
+    `attention_impl`: "cpu", "xla" or None / "auto" (from the backend), see `glmv_jax.ops.attention`.
     """
+    attention_impl = resolve_impl(attention_impl)
     if segment_ids is not None:
         attention_mask = segment_ids
     ids, mask, image_grid, video_grid = inputs.check_inputs(
@@ -153,15 +163,14 @@ def forward(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel
     context = 1
     scope = contextlib.nullcontext()
     if mesh is not None:
-        from glmv_jax.parallel import mesh as mesh_lib
-        mesh_lib.check_model(config, mesh)
-        mesh_lib.check_batch(mesh, ids.shape[0], ids.shape[1])
+        check_model(config, mesh)
+        sharding.check_batch(mesh, ids.shape[0], ids.shape[1])
         context = mesh.shape["context"]
         scope = jax.set_mesh(mesh)
     with scope:
         return forward_jit(params, config, ids, mask, as_int(position_ids), as_int(mm_token_type_ids),
                            pixel_values, image_grid, pixel_values_videos, video_grid, remat_policy=remat_policy,
-                           context=context)
+                           context=context, attention_impl=attention_impl)
 
 
 def init_params(config: GlmvConfig, seed: int = 0, dtype=jnp.float32):
@@ -177,7 +186,7 @@ def init_boxed(config: GlmvConfig, seed: int = 0, dtype=jnp.float32):
     pixels = jnp.zeros((2 * m * m, v.patch_dim), dtype)
     positions = jnp.zeros((3, 1, 4), jnp.int32)
     ones = jnp.ones((1, 4), jnp.int32)
-    with unsharded():  # the dummy forward that creates the params runs unsharded
+    with sharding.unsharded():  # the dummy forward that creates the params runs unsharded
         variables = Glmv(config, dtype).init(jax.random.key(seed), ids, positions, ones, ones,
                                              pixel_values=pixels, image_grid_thw=grid)
     return variables["params"]
@@ -189,3 +198,30 @@ def logical_axes(config: GlmvConfig):
     return nn.get_partition_spec(boxed)
 
 
+def param_specs(config: GlmvConfig) -> Any:
+    """The PartitionSpec of every parameter (mesh axes), from the model's logical axis names."""
+    return jax.tree.map(lambda logical: sharding.spec(tuple(logical)), logical_axes(config),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(config: GlmvConfig, mesh) -> Any:
+    """NamedShardings of every parameter; raises MeshError before any compile if a size does not divide."""
+    shapes = jax.eval_shape(lambda: init_params(config))
+    specs = param_specs(config)
+
+    def one(path, shape, pspec):
+        sharding.check_divisible(mesh, shape.shape, pspec,
+                                 "param " + "/".join(str(getattr(k, "key", k)) for k in path))
+        return NamedSharding(mesh, pspec)
+
+    return jax.tree_util.tree_map_with_path(one, shapes, specs)
+
+
+def check_model(config: GlmvConfig, mesh) -> None:
+    """Every size the mesh splits (heads, KV heads, vocab, widths) divides; clear error otherwise."""
+    t = mesh.shape["tensor"]
+    for what, value in (("text num_heads", config.text.num_heads), ("text num_kv_heads", config.text.num_kv_heads),
+                        ("vision num_heads", config.vision.num_heads), ("vocab_size", config.text.vocab_size)):
+        if value % t:
+            raise MeshError(f"{what} = {value} is not divisible by tensor = {t}")
+    param_shardings(config, mesh)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from glmv_jax.config import VisionConfig
-from glmv_jax.model.layers import SwiGLU, dense
+from glmv_jax.ops.dense import dense
+from glmv_jax.ops.swiglu import SwiGLU
 
 
 class Projector(nn.Module):

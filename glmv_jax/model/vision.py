@@ -21,9 +21,12 @@ import jax.numpy as jnp
 
 from glmv_jax.config import VisionConfig
 from glmv_jax.model import rope
-from glmv_jax.model.layers import RMSNorm, SwiGLU, attention, dense
-from glmv_jax.parallel.context import in_mesh, mesh_size, sharded_attention
-from glmv_jax.parallel.mesh import RULES, constrain
+from glmv_jax.model.layers import RMSNorm
+from glmv_jax.ops.attention import attention
+from glmv_jax.ops.context import sharded_attention
+from glmv_jax.ops.dense import dense
+from glmv_jax.ops.swiglu import SwiGLU
+from glmv_jax.sharding import RULES, constrain, in_mesh, mesh_size
 
 PATCH_AXES = RULES["patches"]
 
@@ -137,6 +140,7 @@ class VisionBlock(nn.Module):
 
     config: VisionConfig
     param_dtype: jnp.dtype = jnp.float32
+    attention_impl: str | None = None  # `ops.attention` impl; None: from the backend
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array):
@@ -150,6 +154,7 @@ class VisionBlock(nn.Module):
             attend = functools.partial(sharded_attention, seq_axes=(), batch_axes=PATCH_AXES)
         else:
             attend = attention
+        attend = functools.partial(attend, impl=self.attention_impl)
         y = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="norm1")(x)
         qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", "qkv", "heads", "head_dim"),
                     use_bias=cfg.attention_bias, name="qkv", param_dtype=pd)(y)
@@ -172,6 +177,7 @@ class VisionTower(nn.Module):
     config: VisionConfig
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention_impl: str | None = None  # `ops.attention` impl; None: from the backend
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
@@ -196,7 +202,7 @@ class VisionTower(nn.Module):
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(cfg, pd, name="blocks")(x, cos, sin, layout["segment"])
+        x, _ = blocks(cfg, pd, self.attention_impl, name="blocks")(x, cos, sin, layout["segment"])
         x = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="post_norm")(x)
         x = x.reshape(x.shape[0], x.shape[1] // (merge * merge), merge * merge * cfg.hidden_size)
         x = dense(cfg.out_hidden_size, ("patch", "embed"), use_bias=True, name="downsample", param_dtype=pd)(x)

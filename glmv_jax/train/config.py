@@ -84,6 +84,7 @@ SOURCES = ("synthetic", "tfds", "jsonl")
 MODES = ("caption", "sft")
 REMAT_POLICIES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "cpu", "xla")  # glmv_jax.ops.attention.CHOICES, named here: a config imports no jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,7 @@ class TrainSection:
     remat_policy: str = "none"
     scan_layers: bool = True
     compute_dtype: str = "float32"
+    attention_impl: str = "auto"  # "cpu" | "xla"; "auto": from the backend (glmv_jax.ops.attention)
     log_every: int = 10
     eval_every: int = 0
     init_from: str | None = None
@@ -143,6 +145,7 @@ class TrainSection:
         non_negative("train", self, "eval_every")
         choice("train.remat_policy", self.remat_policy, REMAT_POLICIES)
         choice("train.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        choice("train.attention_impl", self.attention_impl, ATTENTION_IMPLS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.data import sources as sources_lib, visual_layout
 from glmv_jax.errors import ConfigError, GlmvError
-from glmv_jax.parallel import mesh as mesh_lib
+from glmv_jax import sharding as mesh_lib
+from glmv_jax.model.glmv import check_model
 from glmv_jax.train import setup
 from glmv_jax.train.config import TrainConfig
 from glmv_jax.train.metrics import MetricsWriter, Progress, read_jsonl
@@ -73,7 +74,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     resuming = has_checkpoint(workdir)
     tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source,
                                                  None if resuming else cfg.train.init_from)
-    mesh_lib.check_model(model, mesh)
+    check_model(model, mesh)
     mesh_lib.check_batch(mesh, cfg.data.batch_size, cfg.data.seq_len)
 
     # ------------------------------------------------------------------------------------------- data
@@ -112,11 +113,12 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     train_fn = jax.jit(
         functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
                           remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype,
-                          scan_layers=cfg.train.scan_layers),
+                          scan_layers=cfg.train.scan_layers, attention_impl=cfg.train.attention_impl),
         in_shardings=(step_shardings, batch_shardings), out_shardings=(step_shardings, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(lambda params, batch: batch_loss(params, model, batch, context=mesh.shape["context"],
-                                                       compute_dtype=compute_dtype, scan_layers=cfg.train.scan_layers),
+                                                       compute_dtype=compute_dtype, scan_layers=cfg.train.scan_layers,
+                                                       attention_impl=cfg.train.attention_impl),
                       in_shardings=(param_shardings, batch_shardings), out_shardings=(replicated, replicated))
     learning_rate = schedule(cfg.optimizer)
 

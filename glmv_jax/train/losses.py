@@ -4,12 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(targets) (B, T) float32 from logits (B, T, V)."""
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+from glmv_jax.ops.logprobs import token_log_probs
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.config import GlmvConfig, from_hf_dict, to_hf_dict
 from glmv_jax.errors import ConfigError
-from glmv_jax.parallel import mesh as mesh_lib
+from glmv_jax import sharding as mesh_lib
 from glmv_jax.train.config import TrainConfig
 from glmv_jax.train.optimizer import make_optimizer
 
@@ -174,10 +174,10 @@ class StateLayout(NamedTuple):
 
 def state_layout(model: GlmvConfig, cfg: TrainConfig, mesh) -> StateLayout:
     """The train state of `model` under `cfg.optimizer` on `mesh` (shared by `glmv train` and RLCS)."""
-    from glmv_jax.model.glmv import init_params
+    from glmv_jax.model.glmv import init_params, param_shardings as model_param_shardings
     from glmv_jax.train.steps import init_state, state_shardings
 
-    param_shardings = mesh_lib.param_shardings(model, mesh)
+    param_shardings = model_param_shardings(model, mesh)
     abstract_params = jax.eval_shape(functools.partial(init_params, model, cfg.train.seed))
     tx = make_optimizer(cfg.optimizer, abstract_params)
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)

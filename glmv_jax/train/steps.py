@@ -13,13 +13,14 @@ VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 
 
 def batch_loss(params, config: GlmvConfig, batch: dict, *, context: int = 1, remat_policy: str = "none",
-               compute_dtype=None, scan_layers: bool = True):
+               compute_dtype=None, scan_layers: bool = True, attention_impl: str | None = None):
     """Mean masked cross entropy of a packed batch and its token count.
 
     batch: input_ids, segment_ids, mm_token_type_ids, targets, loss_mask (B, T); pixel values and grids.
     With context > 1 every per-token array is put in the load-balanced order once, here. With a
     `compute_dtype` (e.g. bfloat16) the float32 master params are cast for the forward pass.
-    `scan_layers=False` unrolls the decoder layers (see `train.scan_layers`).
+    `scan_layers=False` unrolls the decoder layers (see `train.scan_layers`); `attention_impl` picks the
+    attention implementation (`train.attention_impl`, `glmv_jax.ops.attention`).
     """
     if compute_dtype is not None:
         params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
@@ -27,7 +28,7 @@ def batch_loss(params, config: GlmvConfig, batch: dict, *, context: int = 1, rem
                           batch.get("position_ids"), batch.get("image_grid_thw"), batch.get("video_grid_thw"),
                           context, extra={"targets": batch["targets"], "loss_mask": batch["loss_mask"]})
     visual = {k: batch.get(k) for k in VISUAL_KEYS}
-    logits = apply(params, config, tokens, visual, remat_policy, scan_layers)
+    logits = apply(params, config, tokens, visual, remat_policy, scan_layers, attention_impl)
     total, count = cross_entropy(logits, tokens["targets"], tokens["loss_mask"])
     return total / jnp.maximum(count, 1.0), count
 
@@ -63,11 +64,11 @@ def _keys(path) -> tuple[str, ...]:
 
 
 def train_step(state: dict, batch: dict, *, config: GlmvConfig, tx, context: int = 1, remat_policy: str = "none",
-               compute_dtype=None, scan_layers: bool = True):
+               compute_dtype=None, scan_layers: bool = True, attention_impl: str | None = None):
     """One optimizer update on a packed batch: (new state, metrics {loss, grad_norm, tokens})."""
     def loss_fn(params):
         return batch_loss(params, config, batch, context=context, remat_policy=remat_policy,
-                          compute_dtype=compute_dtype, scan_layers=scan_layers)
+                          compute_dtype=compute_dtype, scan_layers=scan_layers, attention_impl=attention_impl)
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

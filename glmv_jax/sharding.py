@@ -1,14 +1,18 @@
 """One mesh (data, fsdp, context, tensor), one table of logical-axis rules, and the shardings they give.
 
-Parameters carry logical axis names from their creation (`model/layers.py`); `RULES` maps each name
-to mesh axes. Weights are sharded over `fsdp` and `context` on their embed dim (so context-parallel
-devices do not each hold a full copy) and over `tensor` by heads, MLP width and vocabulary.
+A leaf of the package: it imports nothing of glmv_jax but `errors`. Parameters carry logical axis names
+from their creation (`ops/dense.py`, `model/`); `RULES` maps each name to mesh axes (the model turns them
+into its parameters' shardings: `model.glmv.param_shardings`). Weights are sharded over `fsdp` and
+`context` on their embed dim (so context-parallel devices do not each hold a full copy) and over `tensor`
+by heads, MLP width and vocabulary.
 Activations: batch over (data, fsdp), sequence over context, heads over tensor.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -68,7 +72,7 @@ def spec(logical: Sequence[str | None]) -> P:
             out.append(None)
             continue
         if name not in RULES:
-            raise MeshError(f"no sharding rule for logical axis {name!r}; add it to parallel/mesh.py RULES")
+            raise MeshError(f"no sharding rule for logical axis {name!r}; add it to glmv_jax/sharding.py RULES")
         axes = RULES[name]
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*out)
@@ -90,38 +94,6 @@ def check_divisible(mesh, shape: Sequence[int], pspec: P, what: str) -> None:
                             f"not divide it; choose a mesh whose {axes} size divides {size}")
 
 
-def param_specs(config) -> Any:
-    """The PartitionSpec of every parameter (mesh axes), from the model's logical axis names."""
-    from glmv_jax.model.glmv import logical_axes
-
-    return jax.tree.map(lambda logical: spec(tuple(logical)), logical_axes(config),
-                        is_leaf=lambda x: isinstance(x, P))
-
-
-def param_shardings(config, mesh) -> Any:
-    """NamedShardings of every parameter; raises MeshError before any compile if a size does not divide."""
-    from glmv_jax.model.glmv import init_params
-
-    shapes = jax.eval_shape(lambda: init_params(config))
-    specs = param_specs(config)
-
-    def one(path, shape, pspec):
-        check_divisible(mesh, shape.shape, pspec, "param " + "/".join(str(getattr(k, "key", k)) for k in path))
-        return NamedSharding(mesh, pspec)
-
-    return jax.tree_util.tree_map_with_path(one, shapes, specs)
-
-
-def check_model(config, mesh) -> None:
-    """Every size the mesh splits (heads, KV heads, vocab, widths) divides; clear error otherwise."""
-    t = mesh.shape["tensor"]
-    for what, value in (("text num_heads", config.text.num_heads), ("text num_kv_heads", config.text.num_kv_heads),
-                        ("vision num_heads", config.vision.num_heads), ("vocab_size", config.text.vocab_size)):
-        if value % t:
-            raise MeshError(f"{what} = {value} is not divisible by tensor = {t}")
-    param_shardings(config, mesh)
-
-
 def check_batch(mesh, batch: int, length: int | None = None) -> None:
     """Batch divides data x fsdp; the sequence divides 2 x context (load-balanced chunks)."""
     n = axis_size(mesh, BATCH)
@@ -135,7 +107,6 @@ def check_batch(mesh, batch: int, length: int | None = None) -> None:
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names under the current mesh (`jax.set_mesh`); a no-op without one."""
-    from glmv_jax.parallel.context import in_mesh
     if not in_mesh():
         return x
     return jax.lax.with_sharding_constraint(x, spec(logical))
@@ -149,3 +120,32 @@ def shard_batch(batch: dict[str, np.ndarray], mesh, specs: dict[str, Sequence[st
         check_divisible(mesh, np.shape(value), pspec, key)
         out[key] = jax.device_put(value, NamedSharding(mesh, pspec))
     return out
+
+
+def mesh_axes_in(axes: Sequence[str], mesh) -> tuple[str, ...]:
+    """The subset of `axes` the mesh splits (size > 1)."""
+    return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def mesh_size(axes: Sequence[str]) -> int:
+    """How many ways the current mesh splits over `axes` (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes)
+
+
+_UNSHARDED = contextvars.ContextVar("glmv_unsharded", default=False)
+
+
+@contextlib.contextmanager
+def unsharded():
+    """Trace the model without mesh-aware ops (parameter creation), even under `jax.set_mesh`."""
+    token = _UNSHARDED.set(True)
+    try:
+        yield
+    finally:
+        _UNSHARDED.reset(token)
+
+
+def in_mesh() -> bool:
+    """Whether model ops should shard over a current mesh."""
+    return not _UNSHARDED.get() and not jax.sharding.get_abstract_mesh().empty

@@ -4,7 +4,7 @@ Environment (set by launch/*.sh or the cluster): JAX_COORDINATOR_ADDRESS (host:p
 JAX_NUM_PROCESSES, JAX_PROCESS_ID. On TPU pods and SLURM, jax detects all three by itself.
 On CPU, processes exchange collectives through gloo.
 
-    python -m glmv_jax.parallel.distributed   # prints the loss of a fixed batch on a fixed tiny model
+    python -m glmv_jax.train.distributed   # prints the loss of a fixed batch on a fixed tiny model
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def global_array(value: np.ndarray, sharding) -> jax.Array:
 def self_check(mesh_sizes: dict[str, int] | None = None, seed: int = 0) -> dict:
     """Loss and gradient norm of a fixed packed batch on a fixed tiny random model, sharded over all devices."""
     from glmv_jax.config import load_config
-    from glmv_jax.model.glmv import init_params
-    from glmv_jax.parallel import mesh as mesh_lib
+    from glmv_jax import sharding as mesh_lib
+    from glmv_jax.model.glmv import init_params, param_shardings
     from glmv_jax.train.steps import batch_loss
 
     config = load_config("tiny")
@@ -53,7 +53,7 @@ def self_check(mesh_sizes: dict[str, int] | None = None, seed: int = 0) -> dict:
              "targets": np.roll(ids, -1, axis=1) * (segments > 0), "loss_mask": (segments > 0).astype(np.float32)}
     specs = {k: ("batch", "length") for k in batch}
     with jax.set_mesh(mesh):
-        shardings = mesh_lib.param_shardings(config, mesh)
+        shardings = param_shardings(config, mesh)
         params = jax.jit(lambda: init_params(config, seed), out_shardings=shardings)()
         placed = {k: global_array(v, jax.sharding.NamedSharding(mesh, mesh_lib.spec(specs[k])))
                   for k, v in batch.items()}

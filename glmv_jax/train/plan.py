@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glmv_jax import sharding as mesh_lib
 from glmv_jax.config import GlmvConfig
+from glmv_jax import sharding as mesh_lib
 from glmv_jax.data import visual_layout
-from glmv_jax.parallel import mesh as mesh_lib
 
 PEAK_BF16 = {"TPU v5p": 459e12, "H100 SXM": 989e12}  # dense bf16 FLOP/s per chip
 HBM = {"TPU v5p": 95e9, "H100 SXM": 80e9}
@@ -104,19 +105,19 @@ def plan(config: GlmvConfig, sizes: dict[str, int], *, seq: int, batch_per_repli
          image_tokens: int | None = None, remat_policy: str = "full", compute_dtype=jnp.bfloat16,
          optimizer=None) -> Plan:
     """Compile the train step for `config` on a mesh of `sizes` from abstract shapes and report it."""
-    from glmv_jax.model.glmv import init_params
+    from glmv_jax.model.glmv import check_model, init_params, param_shardings
     from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
     from glmv_jax.train.steps import init_state, state_shardings, train_step
 
     mesh = mesh_lib.make_mesh(**sizes, devices=jax.devices()[:int(np.prod(list(sizes.values()) or [1]))])
-    mesh_lib.check_model(config, mesh)
+    check_model(config, mesh)
     global_batch = batch_per_replica * mesh.shape["data"] * mesh.shape["fsdp"]
     mesh_lib.check_batch(mesh, global_batch, seq)
     image_tokens = seq // 4 if image_tokens is None else image_tokens
     abstract_params = jax.eval_shape(lambda: init_params(config))
     tx = make_optimizer(optimizer or OptimizerConfig(), abstract_params)
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
-    shardings = state_shardings(abstract_state, mesh_lib.param_shardings(config, mesh), mesh)
+    shardings = state_shardings(abstract_state, param_shardings(config, mesh), mesh)
     batch, batch_shardings = abstract_batch(config, mesh, seq, global_batch, image_tokens)
     step = functools.partial(train_step, config=config, tx=tx, context=mesh.shape["context"],
                              remat_policy=remat_policy, compute_dtype=compute_dtype)

@@ -8,18 +8,15 @@ original index for the causal mask. Keys and values are all-gathered across the 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-import math
 from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from glmv_jax.model.layers import attention
-from glmv_jax.parallel.mesh import BATCH
+from glmv_jax.ops.attention import attention
+from glmv_jax.sharding import BATCH, mesh_axes_in
 
 
 def balanced_order(length: int, context: int) -> np.ndarray:
@@ -35,61 +32,31 @@ def reorder(arrays: dict[str, jax.Array], order: np.ndarray, axes: dict[str, int
     return {k: (v if v is None else jax.numpy.take(v, order, axis=axes.get(k, 1))) for k, v in arrays.items()}
 
 
-def mesh_axes_in(axes: Sequence[str], mesh) -> tuple[str, ...]:
-    """The subset of `axes` the mesh splits (size > 1)."""
-    return tuple(a for a in axes if mesh.shape[a] > 1)
-
-
-def mesh_size(axes: Sequence[str]) -> int:
-    """How many ways the current mesh splits over `axes` (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in axes)
-
-
 def sharded_attention(q, k, v, *, q_segment, kv_segment, q_index=None, kv_index=None,
                       seq_axes: Sequence[str] = ("context",), batch_axes: Sequence[str] = BATCH,
-                      gather_kv: bool = True) -> jax.Array:
-    """`layers.attention` on arrays sharded over the current mesh (`jax.set_mesh`).
+                      impl: str | None = None) -> jax.Array:
+    """`ops.attention` (implementation `impl`) on arrays sharded over the current mesh (`jax.set_mesh`).
 
     q (B, T, H, D) and k, v (B, S, K, D) are split over `batch_axes` (batch), `seq_axes` (sequence)
-    and `tensor` (heads). Each device keeps its queries and, if `gather_kv`, all-gathers keys,
-    values, their segments and indices across `seq_axes` before the local attention.
+    and `tensor` (heads). Each device keeps its queries and all-gathers keys, values, their segments
+    and indices across `seq_axes` before the local attention.
     """
     mesh = jax.sharding.get_abstract_mesh()
     batch = mesh_axes_in(batch_axes, mesh) or None
     seq = mesh_axes_in(seq_axes, mesh) or None
     heads = "tensor" if mesh.shape["tensor"] > 1 else None
-    kv_seq = seq if gather_kv else None
     causal = q_index is not None
-    specs = (P(batch, seq, heads, None), P(batch, kv_seq, heads, None), P(batch, kv_seq, heads, None),
-             P(batch, seq), P(batch, kv_seq)) + ((P(batch, seq), P(batch, kv_seq)) if causal else ())
+    specs = (P(batch, seq, heads, None), P(batch, seq, heads, None), P(batch, seq, heads, None),
+             P(batch, seq), P(batch, seq)) + ((P(batch, seq), P(batch, seq)) if causal else ())
 
     def local(q, k, v, q_segment, kv_segment, *index):
-        if gather_kv and seq:
+        if seq:
             gather = functools.partial(jax.lax.all_gather, axis_name=seq, axis=1, tiled=True)
             k, v, kv_segment = gather(k), gather(v), gather(kv_segment)
             index = (index[0], gather(index[1])) if causal else ()
         q_idx, kv_idx = index if causal else (None, None)
-        return attention(q, k, v, q_segment=q_segment, kv_segment=kv_segment, q_index=q_idx, kv_index=kv_idx)
+        return attention(q, k, v, q_segment=q_segment, kv_segment=kv_segment, q_index=q_idx, kv_index=kv_idx,
+                         impl=impl)
 
     args = (q, k, v, q_segment, kv_segment) + ((q_index, kv_index) if causal else ())
     return jax.shard_map(local, in_specs=specs, out_specs=P(batch, seq, heads, None), check_vma=False)(*args)
-
-
-_UNSHARDED = contextvars.ContextVar("glmv_unsharded", default=False)
-
-
-@contextlib.contextmanager
-def unsharded():
-    """Trace the model without mesh-aware ops (parameter creation), even under `jax.set_mesh`."""
-    token = _UNSHARDED.set(True)
-    try:
-        yield
-    finally:
-        _UNSHARDED.reset(token)
-
-
-def in_mesh() -> bool:
-    """Whether model ops should shard over a current mesh."""
-    return not _UNSHARDED.get() and not jax.sharding.get_abstract_mesh().empty
-

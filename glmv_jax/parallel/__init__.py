@@ -1,1 +1,0 @@
-"""Meshes, logical-axis sharding rules and context parallelism."""
