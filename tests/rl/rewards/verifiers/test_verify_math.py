@@ -19,7 +19,7 @@ from reward_helpers import PAYLOAD, PWNED, resp, timed_reward
     ("3 \\times 4", 12, 1.0), ("3\\cdot4", 12, 1.0), ("12 \\div 4", 3, 1.0), ("50\\%", "0.5", 1.0),
     ("50%", 50, 1.0), ("50%", "0.05", 0.0), ("90^\\circ", 90, 1.0), ("0.1+0.2", "0.3", 1.0),
     ("0", 0, 1.0), ("0.000001", 0, 0.0), ("\\frac{\\frac{1}{2}}{2}", "0.25", 1.0),
-    ("\\sqrt{2}", "1.41421356", 0.0),          # outside the whitelist: string match only
+    ("\\sqrt{2}", "1.41421356", 1.0),          # LaTeX through math-verify, then the relative tolerance
     ("seven", 7, 0.0), ("7 apples", 7, 0.0), ("", 0, 0.0), ("1/0", "1/0", 1.0),   # identical strings
     ("1/0", 1, 0.0), ("0/0", 0, 0.0), ("2**(1/2)", "1.4142135623730951", 1.0), ("(-8)**(1/3)", -2, 0.0),
 ])
