@@ -48,7 +48,7 @@ import unicodedata
 from fractions import Fraction
 from typing import Any
 
-from glmv_jax.rl.rewards.verifiers import math_latex as latex
+import glmv_jax.rl.rewards.verifiers.math_latex as latex
 
 MATH_TOLERANCE = 1e-6            # [code] full_config.yaml, math
 MAX_EXPR_CHARS = 128             # [ours] whitelisted arithmetic, after LaTeX rewriting

@@ -1,9 +1,8 @@
 """The math verifier on hand-written tables of equivalent and non-equivalent answers (math-verify for LaTeX, the
 official relative tolerance for numbers), each graded through the public API on a whole response within 2 s;
-the LaTeX caps and the soft deadline on hostile input."""
+the LaTeX caps and the soft deadline (hostile LaTeX is in test_verify_math's HOSTILE_MATH)."""
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -13,7 +12,7 @@ import pytest
 from glmv_jax.rl import rewards as R
 from glmv_jax.rl.rewards import sandbox
 from glmv_jax.rl.rewards.verifiers import math_latex
-from reward_helpers import PWNED, resp, timed, timed_reward
+from reward_helpers import resp, timed, timed_reward
 
 _RNG = random.Random(3)
 DIGITS_2000 = "".join(_RNG.choice("0123456789") for _ in range(1999)) + "7"
@@ -89,26 +88,6 @@ def test_tolerance_applies_to_latex_numbers():
     assert timed_reward(R.math_reward, resp("\\pi"), "3.14") == 0.0
     assert timed_reward(R.math_reward, resp("\\pi"), "3.14", tolerance=2.5e-2) == 1.0
     assert timed_reward(R.math_reward, resp("\\sqrt{2}"), "1.5", tolerance=2.5e-2) == 0.0   # 5.7e-2
-
-
-HOSTILE_LATEX = [
-    "9^{9^{9^{9}}}", "2^{2^{64}}", "2^{10000000}", "10^{-10^{10}}", "\\exp(10^{10^{10}})", "100000!", "(10^{9})!",
-    "((2^{1000})^{1000})^{1000}", "(x+1)^{100000}", "(1+\\sqrt{2})^{10^{6}}", "\\sqrt[99999999]{8}",
-    "{" * 60 + "1" + "}" * 60, "\\frac{" * 40 + "1" + "}{2}" * 40, "|x|" * 100, "a=b=" * 40 + "1",
-    "\\sum_{i=1}^{10^{9}} i", "\\prod_{i=1}^{100000} i", "\\int_0^1 x^{x} dx", "\\lim_{x \\to 0} x",
-    "\\binom{100000}{50000}", "\\det\\begin{vmatrix}1&2\\\\3&4\\end{vmatrix}", "\\frac{d}{dx} x^{2}",
-    "\\{" + ",".join(str(i) for i in range(400)) + "\\}", "x" * 5000, "1" * 60 + "^{2}",
-    "\\text{" + "a" * 100_000 + "}", "\\sin(" * 200 + "1" + ")" * 200, "\\mathrm{__import__('os')}",
-    "\\begin{pmatrix}" + "&".join(["1"] * 500) + "\\end{pmatrix}",
-]
-
-
-@pytest.mark.parametrize("i", range(len(HOSTILE_LATEX)))
-def test_hostile_latex_is_refused_quickly(i):
-    text = HOSTILE_LATEX[i]
-    assert timed_reward(R.math_reward, resp(text), 1) == 0.0
-    timed_reward(R.math_reward, resp("1"), text)
-    assert not os.path.exists(PWNED)
 
 
 def test_caps_refuse_before_parsing():
