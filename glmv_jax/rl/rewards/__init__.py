@@ -39,7 +39,8 @@ Public API
 take the whole response, never raise and never execute text; the ``*_reward`` functions return a float in
 [0, 1] within their deadline. ``register(domain, verifier)``, ``reward(domain, response, ground_truth)``,
 ``score(example, response)`` and ``score_batch`` form the registry; ``counting``, ``arithmetic``, ``ocr`` and
-``grounding`` (the synthetic domains of :mod:`glmv_jax.data.synthetic`) are registered by default.
+``grounding`` (the synthetic domains of :mod:`glmv_jax.data.synthetic`) are registered by default, and
+``ocr_exact`` (the OCR verifier in its exact-match mode, for domains where partial credit is unwanted).
 """
 from __future__ import annotations
 
@@ -79,10 +80,12 @@ def counting_reward(response: _Any, ground_truth: _Any, *, timeout: float | None
     return _run(_COUNT, response, ground_truth, timeout)["reward"]
 
 
-def ocr_reward(response: _Any, ground_truth: _Any, *, ignore_case: bool = False,
+def ocr_reward(response: _Any, ground_truth: _Any, *, ignore_case: bool = False, exact: bool = False,
                timeout: float | None = None) -> float:
-    """OCR reward of a whole response (``1 - edit distance / max length``, :func:`verify_ocr`)."""
-    return _run(_with(_OCR, ignore_case=bool(ignore_case)), response, ground_truth, timeout)["reward"]
+    """OCR reward of a whole response (``1 - edit distance / max length``, or with ``exact`` 1 iff the texts
+    are equal; :func:`verify_ocr`)."""
+    return _run(_with(_OCR, ignore_case=bool(ignore_case), exact=bool(exact)), response, ground_truth,
+                timeout)["reward"]
 
 
 def grounding_reward(response: _Any, boxes: _Any, *, iou_threshold: float = IOU_THRESHOLD,

@@ -48,8 +48,9 @@ def register(domain: str, verifier: str | Callable[..., float], *, box: bool = T
     the stripped ``<answer>`` segment (``box=False``: the domain is not verifiable by a box, and a box in the
     answer gets the minimum reward [paper]). The format gate, the language-mix and repetition gates
     (switchable), clipping to [0, 1] and the time bound are applied around it. ``kwargs`` go to the verifier,
-    e.g. ``register("chart", "math", tolerance=2.5e-2)``. Module-level functions run in the worker processes
-    (they are pickled by reference); lambdas and closures run in a thread of the caller.
+    e.g. ``register("chart", "math", tolerance=2.5e-2)`` or ``register("ocr_exact", "ocr", exact=True)``.
+    Module-level functions run in the worker processes (they are pickled by reference); lambdas and closures
+    run in a thread of the caller.
     """
     if not isinstance(domain, str) or not domain:
         raise ValueError(f"domain must be a non-empty string, got {domain!r}")
@@ -115,8 +116,10 @@ def score_batch(examples: Sequence[Mapping[str, Any]], responses: Sequence[Any],
         return list(ex.map(lambda er: score(er[0], er[1], timeout=timeout), zip(examples, responses)))
 
 
-# The synthetic domains of glmv_jax.data.synthetic.
+# The synthetic domains of glmv_jax.data.synthetic, and OCR graded by exact match (binary rewards, for domains
+# where partial credit would turn small differences among wrong answers into full-size advantages).
 register("counting", "counting")
 register("arithmetic", "math")
 register("ocr", "ocr")
 register("grounding", "grounding")
+register("ocr_exact", "ocr", exact=True)

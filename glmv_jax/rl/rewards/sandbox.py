@@ -3,8 +3,9 @@ for one of them until its deadline.
 
 Every reward is computed in a small pool of warm worker *processes* (``python -I`` importing
 :mod:`glmv_jax.rl.rewards.worker` through the package, from the folder of the caller's copy of glmv_jax; that
-imports no jax, as ``import glmv_jax`` is lazy; sympy is imported and exercised before the worker reports
-ready). The caller sends the request over a pipe and waits with ``select`` until the deadline
+imports no jax, as ``import glmv_jax`` is lazy; sympy and math-verify are imported and exercised before the
+worker reports ready: about 0.65 s from spawn to ready on 2 loaded CPU cores, 0.3 s of it warming the LaTeX
+parser). The caller sends the request over a pipe and waits with ``select`` until the deadline
 (:data:`DEFAULT_TIMEOUT` = 1.5 s, per call); on timeout the worker is killed and a replacement starts in the
 background, and the call returns 0.0. Threads cannot stop a runaway sympy computation, processes can. The
 first call of a process blocks until one worker is ready (0.5-1 s; :func:`warmup` does it up front);

@@ -21,6 +21,8 @@ from glmv_jax.rl.rewards.verifiers.ocr import verify_ocr
 
 WORKER_MEMORY_BYTES = 4 << 30    # [ours] RLIMIT_AS of a worker
 HEADER = struct.Struct(">Q")
+WARMUP_MATH = (("\\sqrt{2}", "1.41421356"), ("x^2+1", "1+x^2"), ("\\{1,2\\}", "\\{2,1\\}"),
+               ("[0,1)", "(0,1]"), ("y = 2x+1", "(1, 2)"))
 
 
 def _read_exact(f, n: int) -> bytes | None:
@@ -59,7 +61,10 @@ def main() -> None:  # pragma: no cover - runs in the worker process
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     sys.stdout = sys.stderr
-    # warm up: import sympy and walk every verifier once
+    # warm up: import sympy and math-verify, and walk every verifier once (the LaTeX parser caches its
+    # prediction tables while parsing, so a few common shapes are parsed here rather than in a first call)
+    for answer, truth in WARMUP_MATH:
+        verify_math(answer, truth)
     verify_math("\\frac{1}{2}", "0.5")
     verify_math("2**(1/2)", "1.4142135623730951", tolerance=1e-9)
     verify_math("0.1+0.2", "0.3")

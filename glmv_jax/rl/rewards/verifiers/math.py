@@ -1,22 +1,44 @@
-"""The math verifier (:func:`verify_math`) on an extracted answer; numbers are parsed, never evaluated as code.
+"""The math verifier (:func:`verify_math`) on an extracted answer; text is parsed, never evaluated as code.
 
-Exact string match after normalisation (NFKC, ``$``/``\\(\\)`` wrappers, spacing commands,
-``\\left``/``\\right``, ``\\text{}``, ``\\dfrac``/``\\tfrac`` -> ``\\frac``, degree marks, whitespace, a trailing period, a
-leading ``x=``) -> 1 [code: exact first]; otherwise both sides as numbers and 1 iff ``|a - b| / (|b| + 1e-6) <
-tolerance`` [code formula], ``tolerance`` = :data:`MATH_TOLERANCE` = 1e-6 [code ``full_config.yaml`` for math; chart
-data uses 2.5e-2]. So ``43`` == ``43.0`` and ``\\frac{1}{2}`` == ``0.5`` (both exact: decimals are read as exact
-rationals), but ``0.6667`` != ``2/3`` (relative error 5e-5) unless a looser tolerance is given. Non-numeric,
-non-identical answers get 0 (the official LLM-judge fallback is not reproduced) [ours]. A trailing ``%`` on one side
-[ours]: either reading (``50%`` as 50 or as 0.5) may match.
+In order, the first step that decides gives the reward:
 
-*Numbers are parsed, never evaluated as code* [ours]: LaTeX is rewritten to plain arithmetic, which must match the
-whitelist ``[0-9+\\-*/().]`` (at most :data:`MAX_EXPR_CHARS` characters, parentheses nested at most
-:data:`MAX_PAREN_DEPTH` deep, no ``//``) before sympy's ``parse_expr`` sees it (``evaluate=False``, only the number
-transformations, a global namespace holding just the six sympy number classes and no builtins). The tree is then
-evaluated bottom-up by :func:`_safe_value`, which allows only numbers, ``+``, ``*`` and powers with a rational
+1. **Exact** string match after normalisation (NFKC, ``$``/``\\(\\)`` wrappers, spacing commands,
+   ``\\left``/``\\right``, ``\\text{}``, ``\\dfrac``/``\\tfrac`` -> ``\\frac``, degree marks, whitespace, a trailing
+   period) -> 1 [code: exact first]. So a 2000-digit integer equals itself without being parsed.
+2. **Choice letters** [ours]: a ground truth that is one capital letter (``B``, ``(B)``, ``\\text{B}``) is a
+   multiple-choice key; the answer gets 1 iff it is the same letter in any of these forms (case-insensitive:
+   ``b`` counts), else 0 (``(B)`` vs ``C``).
+3. **Plain numbers** (the fast path, no LaTeX parser): both sides rewritten to whitelisted arithmetic
+   (decimals, ``\\frac``, ``\\cdot``/``\\times``/``\\div``, ``^``/``**`` with rational exponents, thousands
+   separators ``1,000`` = 1000, a leading ``x=``) and evaluated exactly by :func:`_safe_value`; 1 iff ``|a - b|
+   / (|b| + 1e-6) < tolerance`` [code formula], ``tolerance`` = :data:`MATH_TOLERANCE` = 1e-6 [code
+   ``full_config.yaml`` for math; chart data uses 2.5e-2]. So ``43`` == ``43.0``, ``\\frac{1}{2}`` == ``0.5``,
+   ``0.6667`` != ``2/3`` (relative error 5e-5) unless a looser tolerance is given.
+   This path is kept beside math-verify [ours] because it is exact for decimals (rationals, not 15-digit
+   floats), reads ``**`` (math-verify's only route for that is sympy's ``parse_expr``, which evaluates code)
+   and costs ~0.1 ms where a LaTeX parse costs 10-100 ms, for the most common answers.
+4. **LaTeX through math-verify** (:mod:`.math_latex`, latex2sympy2-extended; under its caps and soft deadline):
+   when both sides are numbers (surds, ``\\pi``, ``e``, logarithms, trig values, ``x = v``) the same relative
+   tolerance decides, so ``\\sqrt{2}`` == 1.41421356 (1.7e-9) and ``2\\pi`` == 6.2831853 but ``\\pi`` != 3.14
+   (5e-4) and ``\\sqrt{2}`` != 1.414 (1.5e-4): the official relative rule, not math-verify's rounding to 6
+   decimals (which would take 1e-8 for 2e-8 and refuse 1000000.5 for 1000000). Otherwise math-verify's
+   comparison decides: expressions in variables (``x^2+1`` == ``1+x^2``), equations (``y=2x+1`` == ``y=1+2x``,
+   ``x=5`` == 5, but ``x=2x+1`` != ``y=2x+1``), sets order-free (``\\{1,2\\}`` == ``\\{2,1\\}`` !=
+   ``\\{1,2,3\\}``), intervals with their ends (``[0,1)`` != ``[0,1]``), tuples in order; numbers inside those
+   compare at math-verify's 6 decimals.
+
+A trailing ``%`` on one side [ours]: either reading (``50%`` as 50 or as 0.5) may match a number. Units are not
+dropped [ours]: ``7 apples`` != 7 (the official code sends such answers to an LLM judge, not reproduced here);
+non-numeric answers that math-verify cannot parse get 0 [ours: no LLM fallback].
+
+*Never evaluated as code* [ours]: step 3 passes only ``[0-9+\\-*/().]`` (at most :data:`MAX_EXPR_CHARS`
+characters, parentheses nested at most :data:`MAX_PAREN_DEPTH` deep, no ``//``) to sympy's ``parse_expr``
+(``evaluate=False``, only the number transformations, a global namespace holding just the six sympy number
+classes and no builtins); :func:`_safe_value` then allows only numbers, ``+``, ``*`` and powers with a rational
 exponent (denominator <= 64) whose result stays under :data:`MAX_POWER_BITS` bits, so ``9**9**9**9`` is refused
-before any arithmetic. (The official verifier calls ``sympify`` on raw model text, which evaluates it.) sympy is
-imported on first use.
+before any arithmetic. Step 4 uses math-verify's LaTeX grammar only (an ANTLR parser building sympy objects; not
+its ``parse_expr`` path) behind the text and tree caps of :mod:`.math_latex`. (The official verifier calls
+``sympify`` on raw model text, which evaluates it.) sympy and math-verify are imported on first use.
 """
 from __future__ import annotations
 
@@ -26,6 +48,8 @@ import unicodedata
 from fractions import Fraction
 from typing import Any
 
+import glmv_jax.rl.rewards.verifiers.math_latex as latex
+
 MATH_TOLERANCE = 1e-6            # [code] full_config.yaml, math
 MAX_EXPR_CHARS = 128             # [ours] whitelisted arithmetic, after LaTeX rewriting
 MAX_LATEX_CHARS = 512            # [ours] answers longer than this are only compared as strings
@@ -33,9 +57,11 @@ MAX_PAREN_DEPTH = 8              # [ours]
 MAX_POWER_BITS = 16_384          # [ours] bit size of base * |exponent| for any power
 
 
-_SPACING_RE = re.compile(r"\\(?:[,;:! ]|q?quad\b)")
+_SPACING_RE = re.compile(r"(?<!\\)\\(?:[,;:! ]|q?quad\b)")
+_LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 _TEXT_CMD_RE = re.compile(r"\\(?:text|mathrm|textbf|mathbf|textrm|mbox)\{([^{}]*)\}")
 _ASSIGN_RE = re.compile(r"^[A-Za-z]=(?!=)")
+_CHOICE_RE = re.compile(r"\(?([A-Za-z])\)?")
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _ARITH_RE = re.compile(r"[0-9+\-*/().]+")
 _UNICODE_OPS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00d7": "*", "\u22c5": "*", "\u00b7": "*",
@@ -46,21 +72,25 @@ class _Reject(Exception):
     """An answer that is not a number this verifier accepts."""
 
 
-def _normalize_math(s: str) -> str:
+def _light(s: str) -> str:
+    """Normalisation that keeps LaTeX parseable (whitespace and ``\\text{}`` stay): for math-verify."""
     s = unicodedata.normalize("NFKC", s).translate(_UNICODE_OPS).strip()
     s = s.strip("$").strip()
     for a, b in (("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(a) and s.endswith(b):
             s = s[2:-2]
-    s = _SPACING_RE.sub("", s)
-    s = s.replace("\\left", "").replace("\\right", "")
-    s = _TEXT_CMD_RE.sub(r"\1", s)
+    s = _SPACING_RE.sub(" ", s)
+    s = _LEFT_RIGHT_RE.sub("", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\u00b0", "")
-    s = "".join(s.split())
     s = s.replace("\\%", "%").replace("{,}", "")
-    s = _ASSIGN_RE.sub("", s)
-    return s.rstrip(".")
+    return s.strip().rstrip(".").strip()
+
+
+def _compact(light: str) -> str:
+    """The full normalisation (``\\text{}`` unwrapped, no whitespace) of a :func:`_light` string: for the exact
+    match, choice letters and plain numbers."""
+    return "".join(_TEXT_CMD_RE.sub(r"\1", light).split()).rstrip(".")
 
 
 def _latex_arg(s: str, j: int) -> tuple[str, int] | None:
@@ -179,7 +209,9 @@ def _parse_number(expr: str):
 
 
 def _numeric_values(s: str) -> list:
-    """Candidate values of a normalised answer: one, or two for a trailing ``%`` (x/100 and x)."""
+    """Candidate values of a compact answer as plain arithmetic (a leading ``x=`` dropped): one, or two for a
+    trailing ``%`` (x/100 and x); ``[]`` when it is not plain arithmetic."""
+    s = _ASSIGN_RE.sub("", s)
     percent = s.endswith("%")
     core = s[:-1] if percent else s
     expr = _to_arith(core)
@@ -192,15 +224,61 @@ def _numeric_values(s: str) -> list:
     return [v / 100, v] if percent else [v]
 
 
+def _real(v):
+    """``v`` as an exact rational or a 50-digit real float; ``None`` if complex, infinite or nan."""
+    import sympy
+
+    if v.is_Rational:
+        return v
+    f = sympy.N(v, 50)
+    return f if f.is_Float and f.is_finite else None
+
+
 def _close(a, b, tol: float) -> bool:
+    """[code] ``|a - b| / (|b| + 1e-6) < tol`` for two reals from :func:`_real` (exact for two rationals)."""
     import sympy
 
     if a.is_Rational and b.is_Rational:
         return bool(abs(a - b) < sympy.Rational(tol) * (abs(b) + sympy.Rational(1, 10**6)))
-    fa, fb = sympy.N(a, 50), sympy.N(b, 50)
-    if not (fa.is_Float and fb.is_Float):  # complex, infinite or nan
-        return False
+    fa, fb = sympy.Float(a, 50), sympy.Float(b, 50)
     return bool(abs(fa - fb) < tol * (abs(fb) + 1e-6))
+
+
+def _numbers_close(va: list, vb: list, tol: float) -> bool | None:
+    """Whether some candidate of ``va`` is within ``tol`` of some candidate of ``vb``; ``None`` when a candidate
+    is not real (then the caller asks math-verify)."""
+    ra, rb = [_real(v) for v in va], [_real(v) for v in vb]
+    if any(x is None for x in ra + rb):
+        return None
+    return any(_close(x, y, tol) for x in ra for y in rb)
+
+
+def _latex_side(light: str, numbers: list):
+    """``(numbers, parsed)`` of one side for step 4: its candidate values if it is a number (from the fast path
+    when that succeeded) and its math-verify tree (``None`` if refused)."""
+    percent = light.endswith("%")
+    parsed = latex.parse_latex(light[:-1].strip() if percent else light)
+    if numbers or parsed is None:
+        return numbers, parsed
+    v = latex.as_number(parsed)
+    if v is None:
+        return [], None if percent else parsed
+    return ([v / 100, v] if percent else [v]), parsed
+
+
+def _latex_equal(la: str, lb: str, va: list, vb: list, tol: float) -> bool:
+    """Step 4 (see the module docstring) for the light-normalised answer ``la`` and ground truth ``lb``."""
+    try:
+        with latex.soft_deadline():
+            na, pa = _latex_side(la, va)
+            nb, pb = _latex_side(lb, vb)
+            if na and nb:
+                close = _numbers_close(na, nb, tol)
+                if close is not None:
+                    return close
+            return pa is not None and pb is not None and latex.equal(pb, pa)
+    except (Exception, latex.Deadline):
+        return False
 
 
 def _gt_string(gt: Any) -> str | None:
@@ -227,21 +305,29 @@ def _gt_string(gt: Any) -> str | None:
 
 
 def verify_math(answer: str, ground_truth: Any, *, tolerance: float = MATH_TOLERANCE) -> float:
-    """Math verifier on an extracted answer: 1.0 for an exact match after normalisation or a numeric match within
-    relative ``tolerance`` (``|a - b| / (|b| + 1e-6) < tolerance``), else 0.0. Runs in the caller: use
-    :func:`math_reward` or :func:`reward` for the gated, time-bounded path."""
+    """Math verifier on an extracted answer: 1.0 iff the answer equals ``ground_truth`` by the first deciding step
+    of the module docstring (exact, choice letter, plain numbers within relative ``tolerance``, math-verify),
+    else 0.0. Runs in the caller: use :func:`math_reward` or :func:`reward` for the gated, time-bounded path."""
     if not isinstance(answer, str):
         return 0.0
     gt = _gt_string(ground_truth)
     if gt is None:
         return 0.0
-    a, b = _normalize_math(answer), _normalize_math(gt)
+    la, lb = _light(answer), _light(gt)
+    a, b = _compact(la), _compact(lb)
     if not a or not b:
         return 0.0
     if a == b:
         return 1.0
+    key = _CHOICE_RE.fullmatch(b)
+    if key is not None and key.group(1).isupper():
+        mine = _CHOICE_RE.fullmatch(a)
+        return 1.0 if mine is not None and mine.group(1).upper() == key.group(1) else 0.0
+    tol = float(tolerance)
     va = _numeric_values(a)
-    if not va:
-        return 0.0
     vb = _numeric_values(b)
-    return 1.0 if any(_close(x, y, float(tolerance)) for x in va for y in vb) else 0.0
+    if va and vb:
+        close = _numbers_close(va, vb, tol)
+        if close is not None:
+            return 1.0 if close else 0.0
+    return 1.0 if _latex_equal(la, lb, va, vb, tol) else 0.0

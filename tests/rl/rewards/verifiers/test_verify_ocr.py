@@ -63,3 +63,30 @@ def test_levenshtein_matches_the_table():
         assert editdistance.eval(a, b) == _dp_levenshtein(a, b), (a, b)
         n = max(len(a), len(b))
         assert verify_ocr(a, b) == (max(0.0, 1.0 - _dp_levenshtein(a, b) / n) if n else 0.0), (a, b)
+
+
+@pytest.mark.parametrize("answer,gt,ignore_case,expected", [
+    ("hello", "hello", False, 1.0), ("hel1o", "hello", False, 0.0), ("helo", "hello", False, 0.0),
+    ("Hello World", "HelloWorld", False, 1.0), ("Hello\nWorld", "Hello World", False, 1.0),
+    ("hello", "HELLO", False, 0.0), ("hello", "HELLO", True, 1.0), ("43", "43.0", False, 0.0),
+    ("日本語テスト", "日本語テスト", False, 1.0), ("", "hello", False, 0.0), ("", "", False, 0.0),
+])
+def test_ocr_exact_mode(answer, gt, ignore_case, expected):
+    """exact=True: 1 iff the texts are equal after the same normalisation, else 0 (no partial credit)."""
+    assert verify_ocr(answer, gt, ignore_case=ignore_case, exact=True) == expected
+    assert timed_reward(R.ocr_reward, resp(answer), gt, ignore_case=ignore_case, exact=True) == expected
+
+
+def test_ocr_exact_domain():
+    """The exact-match mode is chosen per domain: ``ocr_exact`` is registered by default, ``ocr`` keeps partial
+    credit, and any domain can pick either."""
+    assert "ocr_exact" in R.domains()
+    assert timed_reward(R.reward, "ocr", resp("hel1o"), "hello") == pytest.approx(0.8)
+    assert timed_reward(R.reward, "ocr_exact", resp("hel1o"), "hello") == 0.0
+    assert timed_reward(R.reward, "ocr_exact", resp("hel lo"), "hello") == 1.0
+    try:
+        R.register("receipts", "ocr", exact=True, ignore_case=True)
+        assert timed_reward(R.reward, "receipts", resp("TOTAL 12.50"), "total 12.50") == 1.0
+        assert timed_reward(R.reward, "receipts", resp("TOTAL 12.5"), "total 12.50") == 0.0
+    finally:
+        R.unregister("receipts")
