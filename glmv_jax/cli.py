@@ -69,6 +69,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from glmv_jax.data import chat
     from glmv_jax.data.processor import ImageProcessor, VideoProcessor
+    from glmv_jax.data.video import is_video_file, process_video_file
     from glmv_jax.data.tokenizer import Tokenizer, check_ids
     from glmv_jax.generate.sampler import SamplingConfig, sample
     from glmv_jax.generate.weights import prepare
@@ -85,8 +86,11 @@ def _generate(args: argparse.Namespace) -> int:
         content += [{"type": "image"} for _ in args.image]
         extra.update(pixel_values=images["pixel_values"], image_grid_thw=images["image_grid_thw"])
     if args.video:
-        frames, fps = read_video(args.video, args.video_fps)
-        video = VideoProcessor()(frames, video_fps=fps)
+        if is_video_file(args.video):  # mp4/webm/mov/mkv/avi through PyAV, sampled as the reference does
+            video = process_video_file(args.video, VideoProcessor())
+        else:
+            frames, fps = read_video(args.video, args.video_fps)
+            video = VideoProcessor()(frames, video_fps=fps)
         content.append({"type": "video"})
         extra.update(pixel_values_videos=video["pixel_values_videos"], video_grid_thw=video["video_grid_thw"])
     content.append({"type": "text", "text": args.prompt})
@@ -210,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF folder (safetensors + tokenizer) or orbax folder")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / .model (default: inside --model)")
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
-    p.add_argument("--video", default=None, help="a folder of frames or an animated GIF/WebP")
-    p.add_argument("--video-fps", type=float, default=None, help="frame rate of a folder of frames")
+    p.add_argument("--video", default=None, help="a video file (mp4/webm/mov/mkv/avi), a folder of frames or an animated GIF/WebP")
+    p.add_argument("--video-fps", type=float, default=None, help="frame rate of a folder of frames (a video file has its own)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

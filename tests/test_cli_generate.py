@@ -93,3 +93,34 @@ def test_corrupt_image_and_too_long_prompt_are_one_line_errors(model_dir, tmp_pa
     assert result.stdout.strip() == ""
     result = run_cli("--model", str(folder), "--prompt", "hi", "--max-new-tokens", "100000")
     assert result.returncode == 2 and "max_position_embeddings" in result.stderr and result.stdout.strip() == ""
+
+
+def test_generate_with_an_mp4_matches_the_api_and_a_cut_file_is_one_line(model_dir, tmp_path):
+    """An mp4 written here: `glmv generate --video` decodes it through PyAV and answers as the API does on the
+    same processed video; the file cut in half is a one-line error."""
+    from test_video import cut_in_half, write_video
+
+    from glmv_jax.checkpoint.hf import load_hf_checkpoint
+    from glmv_jax.data.processor import VideoProcessor
+    from glmv_jax.data.video import process_video_file
+
+    folder, config, tokenizer = model_dir
+    clip = write_video(tmp_path / "clip.mp4", frames=20, fps=10, height=56, width=84)
+    result = run_cli("--model", str(folder), "--video", clip, "--prompt", "what happens", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+
+    video = process_video_file(clip, VideoProcessor())
+    encoded = chat.encode([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens"}]}],
+                          tokenizer, video_grids=video["video_grid_thw"], video_timestamps=[video["frame_timestamps"]],
+                          merge_size=config.vision.spatial_merge_size)
+    _, params = load_hf_checkpoint(folder)
+    out = sample(params, config, np.array([encoded["input_ids"]]), pixel_values_videos=video["pixel_values_videos"],
+                 video_grid_thw=video["video_grid_thw"],
+                 sampling=SamplingConfig(8, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.eos_ids[0]))
+    n = int(out.lengths[0])
+    assert result.stdout == tokenizer.decode([t for t in np.asarray(out.tokens)[0, :n].tolist()
+                                              if t not in tokenizer.eos_ids]) + "\n"
+
+    result = run_cli("--model", str(folder), "--video", cut_in_half(clip), "--prompt", "hi")
+    assert result.returncode == 2 and "clip" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.strip() == ""
