@@ -5,6 +5,8 @@ import dataclasses
 import json
 
 import pytest
+pytest.importorskip("torch")  # compared against transformers: skipped where torch is not installed
+pytest.importorskip("transformers")
 import transformers
 import yaml
 

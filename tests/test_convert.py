@@ -10,6 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compared against transformers: skipped where torch is not installed
+pytest.importorskip("transformers")
 import torch
 import transformers
 

@@ -15,6 +15,8 @@ import io
 import jax
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compared against transformers: skipped where torch is not installed
+pytest.importorskip("transformers")
 import torch
 from jax.ad_checkpoint import print_saved_residuals
 

@@ -8,6 +8,8 @@ from glmv_jax import forward
 from glmv_jax.model.glmv import forward_jit
 from glmv_jax.model.inputs import InputError
 from glmv_jax.shapes import bucket
+pytest.importorskip("torch")  # compared against transformers: skipped where torch is not installed
+pytest.importorskip("transformers")
 from reference import Prompt, batch
 
 

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+pytest.importorskip("torch")  # compared against transformers: skipped where torch is not installed
+pytest.importorskip("transformers")
 import torch
 from transformers.vision_utils import get_vision_position_ids
 

@@ -16,6 +16,8 @@ from glmv_jax.model.glmv import check_model, param_shardings
 from glmv_jax.ops.context import balanced_order
 from glmv_jax.shapes import pow2, round_up, bucket
 from glmv_jax.train.steps import batch_loss
+pytest.importorskip("torch")  # compared against transformers: skipped where torch is not installed
+pytest.importorskip("transformers")
 from reference import Prompt, relative_error
 
 B, T = 8, 64
