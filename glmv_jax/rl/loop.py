@@ -22,7 +22,6 @@ import numpy as np
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.data import synthetic
 from glmv_jax.errors import CheckpointError, ConfigError
-from glmv_jax import sharding as mesh_lib
 from glmv_jax.rl import rewards, rlcs
 from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum

@@ -19,7 +19,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax import sharding as mesh_lib
 from glmv_jax.config import GlmvConfig
-from glmv_jax import sharding as mesh_lib
 from glmv_jax.data import visual_layout
 
 PEAK_BF16 = {"TPU v5p": 459e12, "H100 SXM": 989e12}  # dense bf16 FLOP/s per chip
