@@ -11,8 +11,8 @@ A benchmark line is a JSON object::
 
 A question line's user turn is its images, then its videos, then the question (as `glmv generate` builds it).
 :func:`load_benchmark` checks every line before anything runs: a line that is not a JSON object, an unknown
-domain, a missing answer or question, a media file that does not exist or a part count that differs from the
-media given is an ``InputError`` naming the file and line. :func:`encode_prompts` processes the media (images:
+domain, a missing answer or question, a media file that does not exist, a part count that differs from the
+media given or an id used twice is an ``InputError`` naming the file and line. :func:`encode_prompts` processes the media (images:
 ``ImageProcessor``; videos: PyAV, sampled as the reference does) and chat-encodes each prompt with the
 generation prompt. :func:`swap_partners` is the image-swap check's deterministic derangement.
 """
@@ -79,10 +79,13 @@ def load_benchmark(path: str | Path) -> list[Item]:
     if not path.is_file():
         raise InputError(f"benchmark file not found: {path}")
     registered = domains()
-    items = []
+    items, seen = [], set()
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             items.append(_item(path, number, line, registered))
+            if items[-1].id in seen:
+                raise InputError(f"{path.name}:{number}: the id {items[-1].id!r} is used by an earlier line")
+            seen.add(items[-1].id)
     if not items:
         raise InputError(f"{path}: no benchmark lines")
     return items

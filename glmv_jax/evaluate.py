@@ -194,9 +194,11 @@ def _defined(pair: tuple[float, float]) -> tuple[float | None, float | None]:
 
 
 def flat_metrics(table: dict) -> dict[str, float]:
-    """The overall greedy reward, its standard error, format and forced shares, and each domain's greedy reward."""
+    """The overall greedy reward, its standard error (NaN below two prompts), format and forced shares, and each
+    domain's greedy reward: what RL logs as ``eval_*``."""
     overall = table["overall"]
-    return {"reward": overall["greedy_acc"], "reward_se": overall["greedy_se"], "format_ok": overall["format_ok"],
+    se = math.nan if overall["greedy_se"] is None else overall["greedy_se"]   # a number for the metric writers
+    return {"reward": overall["greedy_acc"], "reward_se": se, "format_ok": overall["format_ok"],
             "forced": overall["forced"],
             **{f"reward/{d}": row["greedy_acc"] for d, row in table.items() if d != "overall"}}
 

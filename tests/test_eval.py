@@ -78,6 +78,7 @@ def test_eval_cli_table_answers_and_greedy_equal_to_generate(model_dir, bench, c
     (dict(domain="math", answer=1, question="q", image="missing.png"), "image file not found: missing.png"),
     (dict(domain="math", answer=1, conversation=[{"role": "user", "content": [{"type": "image"}]}]),
      "the conversation has 1 image part(s) but the line gives 0"),
+    (dict(LINES[1], id="c1"), "the id 'c1' is used by an earlier line"),
 ])
 def test_bad_lines_are_one_line_errors_before_any_generation(bench, tmp_path, capsys, line, message):
     data = bench / "bad.jsonl"   # beside the media of its good first line
