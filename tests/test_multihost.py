@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -20,7 +19,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -123,3 +121,82 @@ def test_block_split_keeps_each_rows_images():
         assert grids.tolist() == [list(g) for rec in want for g in rec["image_grid_thw"]]
         expected = np.concatenate([rec["pixel_values"] for rec in want]) if want else np.zeros((0, pixels.shape[1]))
         np.testing.assert_array_equal(pixels, expected)
+
+
+# ------------------------------------------------------------------ (b) glmv train as 2 real processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SFT = {"model": "tiny",
+       "data": {"source": "synthetic", "mode": "sft", "seq_len": 128, "batch_size": 8, "tokenizer": "synthetic",
+                "vocab_size": 512, "n_train": 400, "n_eval": 16, "seed": 1, "min_pixels": 1568, "max_pixels": 6272,
+                "pixel_rows": 512, "max_images": 32, "shards": 2},
+       "train": {"steps": 12, "log_every": 1, "eval_every": 6},
+       "optimizer": {"learning_rate": 1.0e-3, "warmup_steps": 2},
+       "checkpoint": {"every": 3, "keep": 5},
+       "mesh": {"data": 2, "fsdp": 2, "tensor": 2}}
+
+
+def records(workdir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def two_processes(config: Path, workdir: Path, log: Path) -> subprocess.Popen:
+    """`glmv train` as 2 processes x 4 CPU devices through launch/local_multiprocess.sh (its own process group)."""
+    env = {**os.environ, "PROCESSES": "2", "DEVICES_PER_PROCESS": "4", "PORT": str(free_port()),
+           "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    command = ["bash", str(ROOT / "launch/local_multiprocess.sh"), sys.executable, "-m", "glmv_jax.cli", "train",
+               "--config", str(config), "--workdir", str(workdir)]
+    return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path):
+    config = tmp_path / "sft.yaml"
+    raw = {**SFT, "train": {**SFT["train"], "compile_cache": str(tmp_path / "cache")}}
+    config.write_text(yaml.safe_dump(raw))
+    started = time.perf_counter()
+
+    # 1 process x 8 devices
+    one = tmp_path / "one"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "glmv_jax.cli", "train", "--config", str(config), "--workdir", str(one)],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = records(one)
+    assert sorted(want) == list(range(1, 13))
+
+    # 2 processes x 4 devices, killed with SIGKILL once the first checkpoint is on disk
+    two = tmp_path / "two"
+    job = two_processes(config, two, tmp_path / "first.log")
+    checkpoints = two / "checkpoints"
+    deadline = time.time() + 600
+    while job.poll() is None and time.time() < deadline:
+        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+            os.killpg(job.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert job.wait(60) == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < 12   # killed mid-run
+
+    # started again: resumes from the last checkpoint and runs to the end
+    job = two_processes(config, two, tmp_path / "second.log")
+    assert job.wait(600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    log = (tmp_path / "second.log").read_text()
+    assert f"resumed from {checkpoints}/{saved[-1]}" in log
+    got = records(two)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):   # before the kill (first run) and after it (resumed)
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in want[step]:
+                assert abs(got[step][key] - want[step][key]) <= 1e-5 * abs(want[step][key]), (step, key)
+    figures = {"max_rel_loss_diff": max(abs(got[s]["loss"] - want[s]["loss"]) / want[s]["loss"] for s in want),
+               "resumed_from": saved[-1], "wall_s": round(time.perf_counter() - started, 1)}
+    print(json.dumps(figures))
