@@ -166,8 +166,8 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(tmp_path):
     one = tmp_path / "one"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "glmv_jax.cli", "train", "--config", str(config), "--workdir", str(one)],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    command = [sys.executable, "-m", "glmv_jax.cli", "train", "--config", str(config), "--workdir", str(one)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     want = records(one)
     assert sorted(want) == list(range(1, 13))

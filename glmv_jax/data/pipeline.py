@@ -221,7 +221,8 @@ class ShardsIterator(grain.DatasetIterator):
 
 def concat_batches(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Batches of the batch contract -> one batch of all their rows, images unpadded (ShardsIterator's doc)."""
-    out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0] if k not in ("pixel_values", "image_grid_thw")}
+    visual = ("pixel_values", "image_grid_thw")
+    out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0] if k not in visual}
     grids = [np.asarray(b["image_grid_thw"]) for b in batches]
     grids = [g[np.prod(g, axis=1) > 0] for g in grids]
     out["pixel_values"] = np.concatenate([b["pixel_values"][:int(np.prod(g, axis=1).sum())]

@@ -16,6 +16,11 @@ optimizer state, step, RNG key and the position of the data iterator are restore
 this run, which may differ from the one that saved), and metrics.jsonl drops the records written after
 that checkpoint.
 
+Several processes (a `jax.distributed` job; cli.py joins it before any device is used) train as one job: each
+reads its data shards and places its rows and visual blocks (train/batches.py), orbax saves and restores the
+state and each process's iterator across them, process 0 alone writes the files above, and every host runs
+the same number of eval batches; the losses are those of one process on the same global batches.
+
 Divergence: the metrics of every step are checked (on the host, at each log/eval/checkpoint step, so the
 device queue is not drained every step): a non-finite loss or gradient norm stops the run with
 `TrainingDiverged` naming the first bad step; the bad state is never saved, and the last good checkpoint
