@@ -1,7 +1,7 @@
 """Training across hosts means what it means on one process.
 
 (a) The visual blocks: the same global image batch (images of different sizes) laid out per host, each host
-    laying out its own rows' blocks, gives the loss and gradient of the single flat array of the whole batch;
+    laying out its own rows' blocks (flat or framed), gives the loss and gradient of the single flat array of the whole batch;
     concatenating the hosts' flat pixels and grids (the old per-host placement) does not.
 (b) `glmv train` as 2 real processes x 4 CPU devices (jax.distributed over gloo, launched by
     launch/local_multiprocess.sh) logs the losses of 1 process x 8 devices on the same global batches, and
@@ -83,21 +83,23 @@ def test_blocks_per_host_equal_the_single_array(tiny_config):
                                          {**token_specs, "pixel_values": ("patches", None),
                                           "image_grid_thw": (None, None)})
 
-    # two hosts of 4 rows: each collates its rows and lays out its own 2 of the 4 blocks (the trainer's Placer)
-    budgets = visual_layout.VisualBudgets(max_images=8, pixel_rows=256, row_multiple=1, strict=True)
-    placer = batches.Placer(mesh, vision, budgets, local_blocks=2)
-    hosts = [placer.layout(collate_rows(rows[h * 4:(h + 1) * 4], 64, vision)) for h in range(2)]
-    assert hosts[0]["pixel_values"].shape == (2, 256, vision.patch_dim)   # (blocks, rows, patch_dim)
-    assert not np.array_equal(hosts[0]["image_grid_thw"], hosts[1]["image_grid_thw"])
-    blocked = {k: np.concatenate([h[k] for h in hosts]) for k in hosts[0]}
-    got_loss, got_grad = loss_and_grad(params, config, blocked, mesh, batches.BATCH_SPECS)
-    assert abs(got_loss - want_loss) <= 1e-5 * abs(want_loss), (got_loss, want_loss)
-    leaves = jax.tree_util.tree_leaves_with_path(want_grad)
-    for (path, want), got in zip(leaves, jax.tree.leaves(got_grad)):
-        scale = float(np.abs(want).max()) + 1e-12
-        assert float(np.abs(got - want).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
+    # two hosts of 4 rows: each collates its rows and lays out its own 2 of the 4 blocks (the trainer's Placer),
+    # flat blocks and framed blocks (one image per row)
     norm = lambda g: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))))  # noqa: E731
-    assert abs(norm(got_grad) - norm(want_grad)) <= 1e-5 * norm(want_grad)
+    for budgets, shape in ((visual_layout.VisualBudgets(max_images=8, pixel_rows=256, strict=True), (2, 256)),
+                           (visual_layout.VisualBudgets(max_images=8, frame_patches=48, strict=True), (2, 8, 48))):
+        placer = batches.Placer(mesh, vision, budgets, local_blocks=2)
+        hosts = [placer.layout(collate_rows(rows[h * 4:(h + 1) * 4], 64, vision)) for h in range(2)]
+        assert hosts[0]["pixel_values"].shape == (*shape, vision.patch_dim)   # (blocks, rows or frames x width, D)
+        assert not np.array_equal(hosts[0]["image_grid_thw"], hosts[1]["image_grid_thw"])
+        blocked = {k: np.concatenate([h[k] for h in hosts]) for k in hosts[0]}
+        got_loss, got_grad = loss_and_grad(params, config, blocked, mesh, batches.BATCH_SPECS)
+        assert abs(got_loss - want_loss) <= 1e-5 * abs(want_loss), (got_loss, want_loss)
+        leaves = jax.tree_util.tree_leaves_with_path(want_grad)
+        for (path, want), got in zip(leaves, jax.tree.leaves(got_grad)):
+            scale = float(np.abs(want).max()) + 1e-12
+            assert float(np.abs(got - want).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
+        assert abs(norm(got_grad) - norm(want_grad)) <= 1e-5 * norm(want_grad)
 
     # the old per-host placement: every host's flat pixels and grids concatenated, grids read as one list
     flat = [collate_rows(rows[h * 4:(h + 1) * 4], 64, vision) for h in range(2)]
