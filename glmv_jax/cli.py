@@ -190,6 +190,9 @@ def _train(args: argparse.Namespace) -> int:
     """0 when done, 3 when training diverged (a bad config or data raises, for `main` to print)."""
     import json
 
+    from glmv_jax.train import distributed
+
+    distributed.initialize()  # one job across the processes of the environment, before any device is used
     import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section of training configs)
     from glmv_jax.train.config import load_train_config
 
@@ -198,6 +201,12 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         if cfg.rl is not None:
+            import jax
+
+            if jax.process_count() > 1:
+                from glmv_jax.errors import ConfigError
+                raise ConfigError("RLCS (an rl: section) runs on one process; multi-process jobs train SFT and "
+                                  "pretraining configs")
             from glmv_jax.rl.loop import train_rl
             final = train_rl(cfg, args.workdir)
         else:

@@ -36,6 +36,8 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "batch": BATCH,
     "length": ("context",),
     "patches": ("data", "fsdp", "context"),
+    "visual_blocks": BATCH,          # the trainer's visual blocks: one per batch shard, placed with its rows
+    "block_patches": ("context",),   # a block's pixel rows (flat) or frame rows (framed)
     "act_embed": None,
     "act_heads": ("tensor",),
     "act_kv_heads": ("tensor",),

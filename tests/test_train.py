@@ -25,7 +25,7 @@ import yaml
 from glmv_jax import cli
 from glmv_jax.checkpoint.state import TrainCheckpointer
 from glmv_jax.config import ConfigError, load_config
-from glmv_jax.train import loop, setup
+from glmv_jax.train import batches, loop, setup
 from glmv_jax.train.config import apply_overrides, from_dict, load_train_config
 from glmv_jax.train.metrics import read_jsonl
 
@@ -289,15 +289,15 @@ def test_restore_onto_other_mesh_continues_the_same(tiny_run, tmp_path):
 # ------------------------------------------------------------------------------- (e) divergence detection
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(compile_cache, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    place = loop._place_batch
+    layout = batches.Placer.layout
 
-    def poisoned(batch, **kwargs):  # step 8's images are NaN
+    def poisoned(self, batch):  # step 8's images are NaN
         calls["n"] += 1
         if calls["n"] == 8:
             batch = {**batch, "pixel_values": np.full_like(batch["pixel_values"], np.nan)}
-        return place(batch, **kwargs)
+        return layout(self, batch)
 
-    monkeypatch.setattr(loop, "_place_batch", poisoned)
+    monkeypatch.setattr(batches.Placer, "layout", poisoned)
     # a frozen ViT, as in the freeze test below, so both run one compiled program
     raw = config(compile_cache, train={"steps": 20, "log_every": 5}, checkpoint={"every": 3, "keep": 5},
                  optimizer={"freeze": ["vision"]})

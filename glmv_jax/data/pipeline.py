@@ -174,6 +174,8 @@ class PipelineIterator(grain.DatasetIterator):
 
 def find_stats(iterator: grain.DatasetIterator) -> PipelineStats:
     """The :class:`PipelineStats` of a pipeline iterator, also when later stages wrap it."""
+    if isinstance(iterator, ShardsIterator):
+        return iterator.stats
     todo = [iterator]
     while todo:
         it = todo.pop(0)
@@ -181,6 +183,66 @@ def find_stats(iterator: grain.DatasetIterator) -> PipelineStats:
             return it.stats
         todo.extend(getattr(it, "_parents", ()))
     raise ValueError(f"{iterator} is not (and does not wrap) a glmv_jax pipeline iterator")
+
+
+class ShardsIterator(grain.DatasetIterator):
+    """The pipelines of several data shards (a host's share of ``data.shards``) as one iterator: each batch is
+    their batches' rows one after another, the images unpadded (``pixel_values`` the real patch rows in
+    placeholder order, ``image_grid_thw`` the real grids), as ``visual_layout.layout_blocks`` takes them.
+    State: every shard's iterator state; ``stats``: their counters added up."""
+
+    def __init__(self, iterators: list[grain.DatasetIterator]):
+        super().__init__(iterators)
+        self._shards = list(iterators)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        return concat_batches([next(it) for it in self._shards])
+
+    @property
+    def stats(self) -> PipelineStats:
+        total = PipelineStats()
+        for it in self._shards:
+            part = find_stats(it).to_dict()
+            for key, value in part.items():
+                if key == "skipped":
+                    for reason, n in value.items():
+                        total.skipped[reason] = total.skipped.get(reason, 0) + n
+                elif key != "last_padding_fraction":
+                    setattr(total, key, getattr(total, key) + value)
+        return total
+
+    def get_state(self) -> dict[str, Any]:
+        return {"shards": [it.get_state() for it in self._shards]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["shards"]) != len(self._shards):
+            raise ValueError(f"the saved data state holds {len(state['shards'])} shards, this host reads "
+                             f"{len(self._shards)} (data.shards changed?)")
+        for it, part in zip(self._shards, state["shards"]):
+            it.set_state(part)
+
+    def __str__(self) -> str:
+        return f"ShardsIterator({len(self._shards)} shards)"
+
+
+def concat_batches(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches of the batch contract -> one batch of all their rows, images unpadded (ShardsIterator's doc)."""
+    visual = ("pixel_values", "image_grid_thw")
+    out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0] if k not in visual}
+    grids = [np.asarray(b["image_grid_thw"]) for b in batches]
+    grids = [g[np.prod(g, axis=1) > 0] for g in grids]
+    out["pixel_values"] = np.concatenate([b["pixel_values"][:int(np.prod(g, axis=1).sum())]
+                                          for b, g in zip(batches, grids)])
+    out["image_grid_thw"] = np.concatenate(grids).astype(np.int32)
+    return out
+
+
+def shards_iterator(datasets: list[grain.IterDataset]):
+    """One iterator over the batches of `datasets` (a host's data shards): the shard's own iterator when there
+    is one, else a :class:`ShardsIterator`."""
+    iterators = [iter(ds) for ds in datasets]
+    return iterators[0] if len(iterators) == 1 else ShardsIterator(iterators)
 
 
 # --------------------------------------------------------------------------------------- the pipeline
@@ -263,5 +325,5 @@ def make_pipeline(source, *, tokenizer, mode: str | Format = "sft", seq_len: int
     return PipelineIterDataset(ds)
 
 
-__all__ = ["PipelineIterDataset", "PipelineIterator", "PipelineStats", "find_stats", "make_pipeline",
-           "per_host_batch_size"]
+__all__ = ["PipelineIterDataset", "PipelineIterator", "PipelineStats", "ShardsIterator", "concat_batches",
+           "find_stats", "make_pipeline", "per_host_batch_size", "shards_iterator"]

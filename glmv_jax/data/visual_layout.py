@@ -33,6 +33,15 @@ program compiles); with ``strict=True`` that is a :class:`DataError` instead (th
 A frame larger than ``frame_patches`` is always a DataError.
 
 :func:`abstract_shapes` gives fixed mode's shapes from counts alone (the AOT plan).
+
+**blocks** (:func:`layout_blocks`; the trainer, on one or many hosts): a batch's rows are cut into S equal
+groups, one per shard of the batch over the mesh's (data, fsdp) axes, and each group's images are laid out
+on their own, in fixed mode, as a *block*: pixels (S, N, patch_dim) or framed (S, F, W, patch_dim), grids
+(S, G, 3), every block padded to the same shapes. A block means to the model exactly what its rows' images
+mean (``model/vision``, ``rope.get_rope_index`` and the scatter count visual tokens per block), so the
+global batch means the same whether one process lays out every block or each host lays out its own, and
+no grid or rank depends on another host's data. The budgets are then per block; the vision tower's
+attention costs S x N^2 scores instead of (S N)^2 for one flat sequence of the whole batch.
 """
 from __future__ import annotations
 
@@ -110,6 +119,52 @@ def layout(pixels, grids, vision: VisionConfig, budgets: VisualBudgets | None = 
         frames, width, _ = shapes["pixel_values"]
         return Layout(frame_pixels(pixels, grids, frames, width), grids, overflow)
     return Layout(_pad_rows(pixels, shapes["pixel_values"][0]), grids, overflow)
+
+
+def split_blocks(pixels, grids, tokens_per_row, blocks: int, vision: VisionConfig) -> list[tuple[np.ndarray, ...]]:
+    """Cut a batch's images into ``blocks`` groups of rows: [(pixels (n_s, patch_dim), grids (g_s, 3))] of the
+    images whose placeholders lie in rows [s * B / S, (s + 1) * B / S). ``tokens_per_row`` (B,): each row's
+    number of visual tokens of this modality; images come in placeholder order, so each block's images follow
+    one another in ``pixels`` / ``grids`` (zero grid rows are padding, pixel rows past the real ones too)."""
+    grids = np.asarray(grids, np.int64).reshape(-1, 3)
+    grids = grids[np.prod(grids, axis=1) > 0]
+    tokens_per_row = np.asarray(tokens_per_row, np.int64)
+    if len(tokens_per_row) % blocks:
+        raise InputError(f"{len(tokens_per_row)} rows cannot be cut into {blocks} equal visual blocks")
+    patches = np.prod(grids, axis=1)
+    token_ends = np.cumsum(patches // vision.spatial_merge_size ** 2)
+    block_ends = np.cumsum(tokens_per_row.reshape(blocks, -1).sum(axis=1))
+    if (token_ends[-1] if len(token_ends) else 0) != block_ends[-1]:
+        raise InputError(f"the rows hold {block_ends[-1]} visual tokens but the grids give "
+                         f"{token_ends[-1] if len(token_ends) else 0}")
+    image_ends = np.searchsorted(token_ends, block_ends, side="right")
+    if not np.array_equal(np.concatenate([[0], token_ends])[image_ends], block_ends):
+        raise InputError("an image's placeholders straddle two visual blocks (rows)")
+    pixel_ends = np.concatenate([[0], np.cumsum(patches)])
+    image_starts = np.concatenate([[0], image_ends[:-1]])
+    return [(np.asarray(pixels)[pixel_ends[a]:pixel_ends[b]], grids[a:b].astype(np.int32))
+            for a, b in zip(image_starts, image_ends)]
+
+
+def layout_blocks(pixels, grids, tokens_per_row, blocks: int, vision: VisionConfig,
+                  budgets: VisualBudgets) -> Layout:
+    """The blocks layout (module doc): each of the ``blocks`` row groups' images laid out in fixed mode with
+    ``budgets`` (per block), all padded to the largest block's shapes: pixels (S, N, patch_dim) or framed
+    (S, F, W, patch_dim), grids (S, G, 3)."""
+    parts = split_blocks(pixels, grids, tokens_per_row, blocks, vision)
+    shapes, overflow = [], {}
+    for part_pixels, part_grids in parts:
+        sizes = frame_sizes(part_grids)
+        shape, over = _fixed_shapes(vision, budgets, images=len(part_grids), frames=len(sizes),
+                                    patches=int(sizes.sum()), widest=int(sizes.max(initial=0)))
+        shapes.append(shape)
+        overflow.update(over)
+    rows = max(shape["pixel_values"][0] for shape in shapes)
+    images = max(shape["image_grid_thw"][0] for shape in shapes)
+    common = (VisualBudgets(max(rows, images), 0, budgets.frame_patches, budgets.row_multiple) if budgets.frame_patches
+              else VisualBudgets(images, rows, 0, budgets.row_multiple))
+    laid = [layout(p, g, vision, common) for p, g in parts]
+    return Layout(np.stack([x.pixels for x in laid]), np.stack([x.grids for x in laid]), overflow)
 
 
 def pad_visual(pixels, grid, vision: VisionConfig):
@@ -202,4 +257,4 @@ def _pad_rows(pixels: np.ndarray, rows: int) -> np.ndarray:
 
 
 __all__ = ["Layout", "VisualBudgets", "abstract_shapes", "flat_rows", "frame_pixels", "frame_sizes", "layout",
-           "pad_visual"]
+           "layout_blocks", "pad_visual", "split_blocks"]

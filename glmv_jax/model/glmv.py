@@ -26,7 +26,15 @@ TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
 def scatter_visual(embeds: jax.Array, features: jax.Array, where: jax.Array, rank: jax.Array) -> jax.Array:
-    """embeds (B, T, D) with features[rank] (features (M, D), rank (B, T)) at the True places of `where`."""
+    """embeds (B, T, D) with features[rank] (features (M, D), rank (B, T)) at the True places of `where`.
+
+    Blocked features (S, K, D) (one block per B / S rows): a token of block s takes features[s, rank], its rank
+    counted within the block (`rope.visual_ranks(types, S)`)."""
+    if features.ndim == 3:
+        s, k = features.shape[:2]
+        block = jnp.arange(embeds.shape[0])[:, None] // (embeds.shape[0] // s)
+        rank = block * k + jnp.clip(rank, 0, k - 1)
+        features = features.reshape(s * k, -1)
     picked = features[jnp.clip(rank, 0, features.shape[0] - 1)]
     return jnp.where(where[..., None], picked.astype(embeds.dtype), embeds)
 
@@ -50,7 +58,8 @@ class Glmv(nn.Module):
 
     def encode_visual(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
         """pixel_values (N, patch_dim) or framed (F, W, patch_dim) (see `vision`), grid_thw (G, 3) -> merged
-        visual tokens (N / merge^2 or F * W / merge^2, hidden) in grid order."""
+        visual tokens (N / merge^2 or F * W / merge^2, hidden) in grid order; blocked grids (S, G, 3) give
+        (S, K, hidden)."""
         return self.projector(self.vision(pixel_values, grid_thw))
 
     def embed_inputs(self, input_ids, token_types, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -60,7 +69,9 @@ class Glmv(nn.Module):
         `ranks` = (image rank, video rank) per token (`rope.visual_ranks` in the original token
         order); pass them when the tokens were reordered (context parallelism).
         """
-        image_rank, video_rank = rope.visual_ranks(token_types) if ranks is None else ranks
+        if ranks is None:
+            ranks = rope.visual_ranks(token_types, (rope.block_count(image_grid_thw), rope.block_count(video_grid_thw)))
+        image_rank, video_rank = ranks
         x = self.decoder.embed_tokens(input_ids)
         if pixel_values is not None:
             x = scatter_visual(x, self.encode_visual(pixel_values, image_grid_thw), token_types == IMAGE, image_rank)
@@ -103,7 +114,8 @@ def token_inputs(config: GlmvConfig, input_ids, segment_ids, token_types=None, p
                                               segment_ids=segment_ids)
     b, t = input_ids.shape
     order = balanced_order(t, context)
-    image_rank, video_rank = rope.visual_ranks(types)
+    image_rank, video_rank = rope.visual_ranks(types, (rope.block_count(image_grid_thw),
+                                                       rope.block_count(video_grid_thw)))
     tokens = {"input_ids": input_ids, "segment": segment_ids, "token_types": types, "position_ids": position_ids,
               "image_rank": image_rank, "video_rank": video_rank, **(extra or {})}
     if context > 1:

@@ -86,13 +86,22 @@ def frame_layout(grid_thw: jax.Array, ranks: jax.Array, merge: int) -> tuple[jax
     return k // jnp.maximum(w, 1), k % jnp.maximum(w, 1), h, w
 
 
-def visual_ranks(types: jax.Array) -> tuple[jax.Array, jax.Array]:
+def block_count(grid_thw) -> int:
+    """How many visual blocks a grid array describes: S for blocked grids (S, G, 3), else 1 (grids (G, 3))."""
+    return 1 if grid_thw is None or jnp.ndim(grid_thw) != 3 else int(jnp.shape(grid_thw)[0])
+
+
+def visual_ranks(types: jax.Array, blocks: int | tuple[int, int] = 1) -> tuple[jax.Array, jax.Array]:
     """For image (1) and video (2) tokens of `types` (B, T): their rank among that modality's tokens,
-    counted batch-major in sequence order (the order features are scattered in). 0 elsewhere."""
+    counted batch-major in sequence order (the order features are scattered in). 0 elsewhere.
+
+    `blocks` (one count, or one per modality): the rows are split into that many equal groups of B / S rows
+    (visual blocks, `data/visual_layout`), and ranks count within each group: rank r of block s is the r-th
+    visual token of rows [s * B / S, (s + 1) * B / S)."""
     out = []
-    for kind in (1, 2):
-        is_kind = types == kind
-        out.append(jnp.where(is_kind, (jnp.cumsum(is_kind.reshape(-1)) - 1).reshape(types.shape), 0))
+    for kind, s in zip((1, 2), (blocks, blocks) if isinstance(blocks, int) else blocks):
+        is_kind = (types == kind).reshape(s, -1)
+        out.append(jnp.where(is_kind, jnp.cumsum(is_kind, axis=1) - 1, 0).reshape(types.shape))
     return out[0], out[1]
 
 
@@ -107,6 +116,8 @@ def get_rope_index(config: GlmvConfig, input_ids: jax.Array, *, image_grid_thw: 
     max(h', w'). Padding (attention_mask == 0) gets position 0; `rope_deltas = max + 1 - L` with L
     the row's number of real tokens (the 5.x convention). With `segment_ids` (B, T) (packed
     examples, 0 = padding) positions restart at 0 in every segment. Jittable; grids may carry zero rows.
+    Grids may also be blocked, (S, G, 3): block s describes the images of rows [s * B / S, (s + 1) * B / S)
+    (`data/visual_layout.layout_blocks`).
     """
     input_ids = jnp.asarray(input_ids)
     b, t = input_ids.shape
@@ -120,11 +131,15 @@ def get_rope_index(config: GlmvConfig, input_ids: jax.Array, *, image_grid_thw: 
     row = jnp.zeros((b, t), jnp.int32)
     col = jnp.zeros((b, t), jnp.int32)
     advance = mask.astype(jnp.int32)  # text: +1 per real token
-    for kind, grid, ranks in zip((1, 2), (image_grid_thw, video_grid_thw), visual_ranks(types)):
+    blocks = (block_count(image_grid_thw), block_count(video_grid_thw))
+    for kind, grid, ranks, s in zip((1, 2), (image_grid_thw, video_grid_thw), visual_ranks(types, blocks), blocks):
         if grid is None:
             continue
         is_kind = types == kind
-        i, j, h, w = frame_layout(jnp.asarray(grid, jnp.int32), ranks, merge)
+        # blocked grids (S, G, 3): block s's grids hold the visual tokens of rows [s * B / S, (s + 1) * B / S)
+        layout = jax.vmap(frame_layout, in_axes=(0, 0, None))(
+            jnp.asarray(grid, jnp.int32).reshape(s, -1, 3), ranks.reshape(s, -1), merge)
+        i, j, h, w = (a.reshape(b, t) for a in layout)
         last_of_frame = i * w + j == h * w - 1
         row = jnp.where(is_kind, i, row)
         col = jnp.where(is_kind, j, col)

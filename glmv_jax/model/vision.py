@@ -10,6 +10,13 @@
                            F x W x W scores, so a batch of images costs no cross-image scores.
 Padded patches are ignored; their outputs are garbage. The output is the same in both layouts: merged
 tokens in grid order, padding after the real ones.
+
+Blocked (the trainer's layout across devices and hosts, `data/visual_layout.layout_blocks`): `grid_thw`
+(S, G, 3) describes S independent blocks, each laid out as above: flat (S, N, C*T*P*P) or framed
+(S, F, W, C*T*P*P). Block s holds the images of the rows [s * B / S, (s + 1) * B / S) of the token batch;
+the output is (S, K, D), block s's merged tokens in its grid order (K = N / merge^2 or F * W / merge^2).
+Blocks are split over the batch axes (data, fsdp) like the rows, and a flat block's patches over `context`:
+attention costs S x N x N scores, not (S N)^2 as one flat sequence of every block would.
 """
 from __future__ import annotations
 
@@ -26,9 +33,10 @@ from glmv_jax.ops.attention import attention
 from glmv_jax.ops.context import sharded_attention
 from glmv_jax.ops.dense import dense
 from glmv_jax.ops.swiglu import SwiGLU
-from glmv_jax.sharding import RULES, constrain, in_mesh, mesh_size
+from glmv_jax.sharding import BATCH, RULES, constrain, in_mesh, mesh_size
 
 PATCH_AXES = RULES["patches"]
+BLOCK_PATCH_AXES = RULES["block_patches"]
 
 BICUBIC_A = -0.75  # PyTorch's Keys constant, used by grid_sample
 
@@ -141,11 +149,18 @@ class VisionBlock(nn.Module):
     config: VisionConfig
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str | None = None  # `ops.attention` impl; None: from the backend
+    blocked: bool = False  # x holds flat blocks (S, N): patches of a block split over `context`
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array):
         cfg, pd = self.config, self.param_dtype
-        if x.shape[0] == 1:  # flat: patches split over every non-tensor axis, keys gathered, attention per image
+        if self.blocked:  # flat blocks: blocks split like the batch rows, a block's patches over `context`
+            sharded = in_mesh() and x.shape[0] % mesh_size(BATCH) == 0
+            if sharded:
+                x = constrain(x, ("visual_blocks", "block_patches", "act_embed"))
+            attend = functools.partial(sharded_attention, seq_axes=BLOCK_PATCH_AXES, batch_axes=BATCH) if sharded \
+                else attention
+        elif x.shape[0] == 1:  # flat: patches split over every non-tensor axis, keys gathered, attention per image
             x = constrain(x, (None, "patches", "act_embed"))
             attend = functools.partial(sharded_attention, seq_axes=PATCH_AXES, batch_axes=()) if in_mesh() \
                 else attention
@@ -169,7 +184,8 @@ class VisionBlock(nn.Module):
 
 class VisionTower(nn.Module):
     """pixel_values (N, patch_dim) or (F, W, patch_dim), grid_thw (G, 3) -> merged features (M, out_hidden_size)
-    in grid order with M = N / merge^2 or F * W / merge^2.
+    in grid order with M = N / merge^2 or F * W / merge^2; blocked: pixel_values (S, N, patch_dim) or
+    (S, F, W, patch_dim), grid_thw (S, G, 3) -> (S, K, out_hidden_size) (module doc).
 
     N and W must be multiples of merge^2. Pass pixels in the parameters' dtype (the reference casts them too).
     """
@@ -183,9 +199,18 @@ class VisionTower(nn.Module):
     def __call__(self, pixel_values: jax.Array, grid_thw: jax.Array) -> jax.Array:
         cfg, pd = self.config, self.param_dtype
         merge = cfg.spatial_merge_size
-        framed = pixel_values.ndim == 3
-        if framed:
+        grid_thw = jnp.asarray(grid_thw, jnp.int32)
+        blocked = grid_thw.ndim == 3
+        framed = pixel_values.ndim == (4 if blocked else 3)
+        if framed and blocked:  # (S, F, W, D): every block's frames in one (S * F, W, D) batch of frames
+            s, frames, width = pixel_values.shape[:3]
+            layout = jax.vmap(frame_layout, in_axes=(0, None, None, None))(grid_thw, frames, width, merge)
+            layout = jax.tree.map(lambda a: a.reshape(s * frames, width), layout)
+            pixel_values = pixel_values.reshape(s * frames, width, -1)
+        elif framed:
             layout = frame_layout(grid_thw, pixel_values.shape[0], pixel_values.shape[1], merge)
+        elif blocked:  # (S, N, D): one flat sequence per block
+            layout = jax.vmap(patch_layout, in_axes=(0, None, None))(grid_thw, pixel_values.shape[1], merge)
         else:
             layout = jax.tree.map(lambda a: a[None], patch_layout(grid_thw, pixel_values.shape[0], merge))
             pixel_values = pixel_values[None]
@@ -202,8 +227,14 @@ class VisionTower(nn.Module):
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(cfg, pd, self.attention_impl, name="blocks")(x, cos, sin, layout["segment"])
+        x, _ = blocks(cfg, pd, self.attention_impl, blocked and not framed, name="blocks")(
+            x, cos, sin, layout["segment"])
         x = RMSNorm(cfg.rms_norm_eps, param_dtype=pd, name="post_norm")(x)
         x = x.reshape(x.shape[0], x.shape[1] // (merge * merge), merge * merge * cfg.hidden_size)
         x = dense(cfg.out_hidden_size, ("patch", "embed"), use_bias=True, name="downsample", param_dtype=pd)(x)
-        return compact_frames(x, grid_thw, merge) if framed else x[0]
+        if framed and blocked:
+            x = x.reshape(grid_thw.shape[0], -1, *x.shape[1:])
+            return jax.vmap(compact_frames, in_axes=(0, 0, None))(x, grid_thw, merge)
+        if framed:
+            return compact_frames(x, grid_thw, merge)
+        return x if blocked else x[0]

@@ -22,8 +22,12 @@ Layout of a training YAML (every key optional except where noted; defaults below
       image_root: ""            # jsonl: relative image paths are resolved against this folder
       min_pixels: 12544         # image processor budget (pixels of the 2-frame clip, as transformers)
       max_pixels: 9633792
-      pixel_rows: 0             # fixed pixel_values rows per host batch (0: the pipeline's shape buckets)
-      max_images: 0             # fixed image_grid_thw rows per host batch (0: the pipeline's power of two)
+      pixel_rows: 0             # fixed pixel_values rows of the global batch (0: the pipeline's shape buckets),
+      max_images: 0             # and image_grid_thw rows (0: a power of two); split evenly over the visual
+                                # blocks, one per data x fsdp shard (data/visual_layout); required (> 0) when
+                                # several processes train, so every host pads to the same shapes
+      shards: 0                 # data pipelines making up the global batch (0: one per host); the same value
+                                # gives the same batches on any number of processes
       pack_buffer: 16           # look-ahead of the best-fit packer, in examples
       workers: 0                # grain worker processes (0: in-process with read threads)
     train:
@@ -109,12 +113,14 @@ class DataConfig:
     frame_patches: int = 0    # > 0: framed pixel layout, max_images rows of this many patches (attention per image)
     pack_buffer: int = 16
     workers: int = 0
+    shards: int = 0           # pipelines whose batches make the global batch (0: one per host's rows)
 
     def validate(self) -> None:
         choice("data.source", self.source, SOURCES)
         choice("data.mode", self.mode, MODES)
         positive("data", self, "seq_len", "batch_size", "vocab_size", "min_pixels", "max_pixels", "pack_buffer")
-        non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers", "frame_patches")
+        non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers", "frame_patches",
+                     "shards")
         if self.frame_patches and not self.max_images:
             raise ConfigError("data.frame_patches needs data.max_images (the number of frame rows)")
         if self.source == "synthetic" and self.n_train < 1:

@@ -1,4 +1,5 @@
-"""Multi-process jobs: `jax.distributed.initialize` from the usual environment, and a self-check.
+"""Multi-process jobs: `jax.distributed.initialize` from the usual environment, where each process's rows
+and data shards lie, host batches placed as one global batch, a few host-side collectives, and a self-check.
 
 Environment (set by launch/*.sh or the cluster): JAX_COORDINATOR_ADDRESS (host:port),
 JAX_NUM_PROCESSES, JAX_PROCESS_ID. On TPU pods and SLURM, jax detects all three by itself.
@@ -10,9 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+
+from glmv_jax import sharding as mesh_lib
+from glmv_jax.errors import ConfigError, DataError, MeshError
 
 
 def initialize() -> None:
@@ -26,6 +32,86 @@ def initialize() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=n,
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
+
+
+def is_main() -> bool:
+    """Whether this is process 0, the one that writes metrics, TensorBoard and config files."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process gets here (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def host_rows(mesh, batch_size: int) -> tuple[int, int]:
+    """The rows [start, stop) of a global batch of `batch_size` rows (split over data x fsdp) that this process's
+    devices hold. Raises MeshError when they are not one contiguous range."""
+    sharding = NamedSharding(mesh, mesh_lib.spec(("batch",)))
+    held = sorted({(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+                   for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+    start, stop = held[0][0], held[-1][1]
+    if sum(b - a for a, b in held) != stop - start:
+        raise MeshError(f"this process's devices hold the batch rows {held}, not one contiguous range: order the "
+                        "mesh so that each host's devices are neighbours along data x fsdp")
+    return start, stop
+
+
+def data_shards(batch_size: int, rows: tuple[int, int], shards: int = 0) -> tuple[list[int], int]:
+    """(the data shards this process reads, their count). The global batch is `shards` pipelines' batches
+    (each `batch_size / shards` rows) one after another; a process reads those of its `rows`. `shards` = 0:
+    one per distinct row range of the processes (the process count, when no rows are replicated across them).
+    The same `shards` gives the same global batches on any number of processes."""
+    start, stop = rows
+    slices = batch_size // (stop - start)
+    shards = shards or slices
+    if shards % slices or batch_size % shards:
+        raise ConfigError(f"data.shards = {shards} must be a multiple of the {slices} hosts' row ranges and divide "
+                          f"data.batch_size = {batch_size}")
+    per = shards // slices
+    first = start // (stop - start) * per
+    return list(range(first, first + per)), shards
+
+
+def place(batch: dict[str, np.ndarray], mesh, specs: dict[str, Sequence[str | None]]) -> dict:
+    """This process's part of a global batch (its rows, its visual blocks) -> global arrays on the mesh,
+    sharded by the logical `specs` (jax.make_array_from_process_local_data)."""
+    out = {}
+    for key, value in batch.items():
+        sharding = NamedSharding(mesh, mesh_lib.spec(specs.get(key, (None,) * np.ndim(value))))
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+        mesh_lib.check_divisible(mesh, out[key].shape, sharding.spec, key)
+    return out
+
+
+def allgather(values) -> np.ndarray:
+    """(processes, ...) : every process's `values` (a small numeric array), on every process."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def check_same_shapes(batch: dict[str, np.ndarray]) -> None:
+    """DataError naming the array unless every process's part of the batch has the same shapes (a mismatch
+    would hang the first collective)."""
+    keys = sorted(batch)
+    shapes = [tuple(np.shape(batch[k])) for k in keys]
+    width = max(len(s) for s in shapes)
+    mine = np.array([list(s) + [-1] * (width - len(s)) for s in shapes], np.int64)
+    every = allgather(mine)
+    for p in range(len(every)):
+        for k, key in enumerate(keys):
+            if not np.array_equal(every[p, k], mine[k]):
+                theirs = tuple(int(x) for x in every[p, k] if x >= 0)
+                raise DataError(f"hosts disagree on the batch shapes: {key} is {shapes[k]} on process "
+                                f"{jax.process_index()} but {theirs} on process {p}; fix the visual budgets "
+                                "(data.pixel_rows, data.max_images, data.frame_patches) so every host pads to them")
 
 
 def global_array(value: np.ndarray, sharding) -> jax.Array:

@@ -16,6 +16,11 @@ optimizer state, step, RNG key and the position of the data iterator are restore
 this run, which may differ from the one that saved), and metrics.jsonl drops the records written after
 that checkpoint.
 
+Several processes (a `jax.distributed` job; cli.py joins it before any device is used) train as one job: each
+reads its data shards and places its rows and visual blocks (train/batches.py), orbax saves and restores the
+state and each process's iterator across them, process 0 alone writes the files above, and every host runs
+the same number of eval batches; the losses are those of one process on the same global batches.
+
 Divergence: the metrics of every step are checked (on the host, at each log/eval/checkpoint step, so the
 device queue is not drained every step): a non-finite loss or gradient norm stops the run with
 `TrainingDiverged` naming the first bad step; the bad state is never saved, and the last good checkpoint
@@ -24,6 +29,7 @@ is left as it is. The CLI then exits with status 3.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import sys
@@ -32,22 +38,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
-from glmv_jax.data import sources as sources_lib, visual_layout
-from glmv_jax.errors import ConfigError, GlmvError
+from glmv_jax.data import sources as sources_lib
+from glmv_jax.errors import GlmvError
 from glmv_jax import sharding as mesh_lib
 from glmv_jax.model.glmv import check_model
-from glmv_jax.train import setup
+from glmv_jax.train import batches, distributed, setup
 from glmv_jax.train.config import TrainConfig
 from glmv_jax.train.metrics import MetricsWriter, Progress, read_jsonl
 from glmv_jax.train.optimizer import schedule
-
-TOKEN_KEYS = ("input_ids", "segment_ids", "mm_token_type_ids", "targets", "loss_mask")
-BATCH_SPECS: dict[str, tuple] = {**{k: ("batch", "length") for k in TOKEN_KEYS},
-                                 "pixel_values": ("patches", None), "image_grid_thw": (None, None)}
 
 
 class TrainingDiverged(GlmvError, RuntimeError):
@@ -66,33 +67,32 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.train.compile_cache:
         setup.use_compile_cache(cfg.train.compile_cache)
-    if jax.process_count() > 1:
-        raise ConfigError("glmv train places host batches on one process only; multi-host data "
-                                  "placement (make_array_from_process_local_data) is not written yet")
+    main = distributed.is_main()
     mesh, _ = setup.run_mesh(cfg)
     train_source, eval_source = sources_lib.make_sources(cfg.data)
     resuming = has_checkpoint(workdir)
+    if not main:
+        distributed.sync("glmv train: tokenizer")  # process 0 trains the tokenizer (data.tokenizer = synthetic)
     tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source,
                                                  None if resuming else cfg.train.init_from)
+    if main:
+        distributed.sync("glmv train: tokenizer")
     check_model(model, mesh)
     mesh_lib.check_batch(mesh, cfg.data.batch_size, cfg.data.seq_len)
 
     # ------------------------------------------------------------------------------------------- data
-    from glmv_jax.data.pipeline import find_stats, make_pipeline, per_host_batch_size
+    from glmv_jax.data.pipeline import find_stats, shards_iterator
+
     v = model.vision
-    budgets = visual_layout.VisualBudgets(max_images=cfg.data.max_images, pixel_rows=cfg.data.pixel_rows,
-                                          frame_patches=cfg.data.frame_patches,
-                                          row_multiple=mesh_lib.axis_size(mesh, mesh_lib.RULES["patches"]))
-    budgets.validate(v, cfg.data.max_pixels)
-    processor = setup.image_processor(cfg.data, v)
+    host = batches.HostData.of(cfg.data, mesh)
+    place = batches.Placer(mesh, v, batches.block_budgets(cfg.data, mesh, v), host.local_blocks)
     pipeline_args = dict(tokenizer=tokenizer, mode=sources_lib.example_format(cfg.data.mode), seq_len=cfg.data.seq_len,
-                         batch_size=per_host_batch_size(cfg.data.batch_size), processor=processor,
-                         pack_buffer=cfg.data.pack_buffer, require_image=None)
-    train_iter = iter(make_pipeline(train_source, seed=cfg.data.seed, worker_count=cfg.data.workers,
-                                    **pipeline_args))
-    eval_data = (make_pipeline(eval_source, shuffle=False, num_epochs=1, **pipeline_args)
+                         processor=setup.image_processor(cfg.data, v), pack_buffer=cfg.data.pack_buffer,
+                         require_image=None)
+    train_iter = shards_iterator(host.pipelines(train_source, cfg.data, seed=cfg.data.seed,
+                                                worker_count=cfg.data.workers, **pipeline_args))
+    eval_sets = (host.pipelines(eval_source, cfg.data, shuffle=False, num_epochs=1, **pipeline_args)
                  if eval_source is not None and cfg.train.eval_every else None)
-    place = functools.partial(_place_batch, mesh=mesh, vision=v, budgets=budgets)
 
     # ------------------------------------------------------------------------- sharded state: restore or init
     from glmv_jax.train.steps import batch_loss, train_step
@@ -105,11 +105,12 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     state = setup.restore_or_init(cfg, layout, checkpointer, model, mesh, resuming=resuming, data_iterator=train_iter)
     rng = state.pop("rng")
     step = int(jax.device_get(state["step"]))
-    setup.write_run_files(workdir, cfg, model)   # after a restore that fits this config
+    if main:
+        setup.write_run_files(workdir, cfg, model)   # after a restore that fits this config
 
     # ------------------------------------------------------------------------------ the compiled steps
     compute_dtype = setup.compute_dtype_of(cfg)
-    batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(s)) for k, s in BATCH_SPECS.items()}
+    batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(s)) for k, s in batches.BATCH_SPECS.items()}
     train_fn = jax.jit(
         functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
                           remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype,
@@ -124,7 +125,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
 
     def evaluate(params) -> float:
         total, count = jnp.zeros(()), jnp.zeros(())
-        for host_batch in iter(eval_data):
+        for host_batch in batches.eval_batches(eval_sets):   # as many on every host
             loss, n = eval_fn(params, place(host_batch))
             total, count = total + loss * n, count + n
         total, count = jax.device_get((total, count))
@@ -132,9 +133,8 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
 
     # ------------------------------------------------------------------------------------------- loop
     total_steps = cfg.train.steps
-    writer = MetricsWriter(workdir, resume_step=step)
-    progress = Progress(total_steps, initial=step)
-    stats = find_stats(train_iter)
+    writer = MetricsWriter(workdir, resume_step=step, enabled=main)   # process 0 writes the metrics
+    progress = Progress(total_steps, initial=step, stream=None if main else io.StringIO())
     pending: list[tuple[int, Any, int, int]] = []   # (step, device metrics, real tokens, token positions)
     last: dict[str, Any] = {}
     first_step = step
@@ -150,7 +150,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                 progress.update()
 
                 log_now = step % cfg.train.log_every == 0 or step == total_steps
-                eval_now = eval_data is not None and (step % cfg.train.eval_every == 0 or step == total_steps)
+                eval_now = eval_sets is not None and (step % cfg.train.eval_every == 0 or step == total_steps)
                 save_now = step % cfg.checkpoint.every == 0 or step == total_steps
                 if not (log_now or eval_now or save_now):
                     continue
@@ -169,16 +169,19 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                             f"without saving this state; {kept}. Lower optimizer.learning_rate or check the data, "
                             "then run again (it resumes from that checkpoint).", s)
                 elapsed = time.perf_counter() - interval_start
-                real = sum(p[2] for p in pending)
-                positions = sum(p[3] for p in pending)
+                stats = find_stats(train_iter)
+                counts = distributed.allgather([sum(p[2] for p in pending), sum(p[3] for p in pending),
+                                                stats.examples, stats.skipped_total]).sum(axis=0)  # every host's
+                real, positions = int(counts[0]), int(counts[1])
                 last = {"step": step, "loss": float(fetched[-1]["loss"]),
                         "grad_norm": float(fetched[-1]["grad_norm"]),
                         "lr": float(learning_rate((step - 1) // cfg.optimizer.accumulate)),
                         "tokens_per_s": real / elapsed if elapsed > 0 else 0.0,
                         "trained_tokens": int(sum(float(m["tokens"]) for m in fetched)),
                         "padding_fraction": 1.0 - real / positions,
-                        "examples": stats.examples, "skipped_total": stats.skipped_total,
-                        **{f"skipped_{reason}": n for reason, n in sorted(stats.skipped.items())}}
+                        "examples": int(counts[2]), "skipped_total": int(counts[3])}
+                if jax.process_count() == 1:
+                    last.update({f"skipped_{reason}": n for reason, n in sorted(stats.skipped.items())})
                 pending = []
                 if eval_now:
                     last["eval_loss"] = evaluate(state["params"])
@@ -205,26 +208,4 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     return last
 
 
-# ------------------------------------------------------------------------------------------- helpers
-def _place_batch(batch: dict[str, np.ndarray], *, mesh, vision, budgets: visual_layout.VisualBudgets):
-    """Lay the visual arrays out in the run's fixed budgets (data/visual_layout's fixed mode: one compiled
-    program; framed with data.frame_patches, one image per row) and place the batch on the mesh."""
-    batch = dict(batch)
-    pixels, grids, overflow = visual_layout.layout(batch["pixel_values"], batch["image_grid_thw"], vision, budgets)
-    for budget, message in overflow.items():
-        _warn_once(budget, message)
-    batch["pixel_values"], batch["image_grid_thw"] = pixels, grids
-    specs = {**BATCH_SPECS, "pixel_values": ("patches",) + (None,) * (pixels.ndim - 1)}
-    return mesh_lib.shard_batch({k: batch[k] for k in BATCH_SPECS}, mesh, specs)
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        print(f"glmv train: warning: {message}", file=sys.stderr)
-
-
-__all__ = ["BATCH_SPECS", "TrainingDiverged", "train"]
+__all__ = ["TrainingDiverged", "train"]

@@ -129,16 +129,20 @@ class MetricsWriter:
     """metrics.jsonl + TensorBoard scalars behind one `write(record)`; records are keyed by `record["step"]`
     (an optimizer step, or an RLCS iteration), and `resume_step` is in the same unit."""
 
-    def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = True,
+                 enabled: bool = True):
+        """`enabled=False` writes nothing (every process of a multi-process job but process 0)."""
         workdir = epath.Path(workdir)
-        self.jsonl = JsonlWriter(workdir / METRICS_FILE, resume_step)
+        self.jsonl = JsonlWriter(workdir / METRICS_FILE, resume_step) if enabled else None
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(record)
         if self.tb is not None:
             step = int(record["step"])
@@ -149,7 +153,8 @@ class MetricsWriter:
             self.tb.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
 
@@ -67,16 +68,19 @@ def model_flops(config: GlmvConfig, tokens: int, patches: int, seq: int, sequenc
 
 def abstract_batch(config: GlmvConfig, mesh, seq: int, batch: int, image_tokens: int) -> tuple[dict, dict]:
     """ShapeDtypeStructs of a packed batch and their shardings: one image of `image_tokens` visual tokens per
-    sequence, laid out as the trainer does (data/visual_layout, flat, rows split over the `patches` axes)."""
-    budgets = visual_layout.VisualBudgets(row_multiple=mesh_lib.axis_size(mesh, mesh_lib.RULES["patches"]))
-    visual = visual_layout.abstract_shapes(config.vision, budgets, images=batch,
-                                           patches=config.vision.spatial_merge_size ** 2 * image_tokens * batch)
+    sequence, laid out as the trainer does (train/batches: one flat visual block per data x fsdp shard)."""
+    from glmv_jax.train.batches import BATCH_SPECS
+
+    blocks = mesh_lib.axis_size(mesh, mesh_lib.BATCH)
+    budgets = visual_layout.VisualBudgets(row_multiple=mesh.shape["context"])
+    per_block = batch // blocks
+    visual = visual_layout.abstract_shapes(config.vision, budgets, images=per_block,
+                                           patches=config.vision.spatial_merge_size ** 2 * image_tokens * per_block)
     shapes = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
               for k in TOKEN_KEYS}
-    shapes["pixel_values"] = jax.ShapeDtypeStruct(visual["pixel_values"], jnp.float32)
-    shapes["image_grid_thw"] = jax.ShapeDtypeStruct(visual["image_grid_thw"], jnp.int32)
-    specs = {k: ("batch", "length") for k in TOKEN_KEYS}
-    specs.update(pixel_values=("patches", None), image_grid_thw=(None, None))
+    shapes["pixel_values"] = jax.ShapeDtypeStruct((blocks, *visual["pixel_values"]), jnp.float32)
+    shapes["image_grid_thw"] = jax.ShapeDtypeStruct((blocks, *visual["image_grid_thw"]), jnp.int32)
+    specs = dict(BATCH_SPECS)
     shardings = {k: NamedSharding(mesh, mesh_lib.spec(specs[k])) for k in shapes}
     for k, s in shapes.items():
         mesh_lib.check_divisible(mesh, s.shape, mesh_lib.spec(specs[k]), k)
@@ -139,7 +143,7 @@ def plan(config: GlmvConfig, sizes: dict[str, int], *, seq: int, batch_per_repli
     temp = float(memory.temp_size_in_bytes)
     total = float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + temp)
     tokens = global_batch * seq
-    patches = batch["pixel_values"].shape[0]
+    patches = math.prod(batch["pixel_values"].shape[:-1])
     return Plan(sizes, seq, global_batch, image_tokens, params_bytes, opt_bytes, temp, total,
                 model_flops(config, tokens, patches, seq, global_batch), float(cost.get("flops", 0.0)),
                 collectives(compiled.as_text()), compile_s)
