@@ -218,8 +218,9 @@ def restore_or_init(cfg: TrainConfig, layout: StateLayout, checkpointer: TrainCh
 
 
 def load_init_params(path: str, model: GlmvConfig, layout: StateLayout):
-    """Params to start from: a previous workdir (its latest checkpoint), an orbax folder or an HF folder,
-    placed as `layout.param_shardings` say."""
+    """Params to start from: a previous workdir (its latest checkpoint), an orbax folder or an HF folder, read
+    straight into `layout.param_shardings` (each process reads only the blocks its devices hold; the model
+    is compared with the run's before any weight is read)."""
     from glmv_jax.checkpoint import convert, hf
 
     folder = workdir_path(path)   # a previous workdir may be a URL
@@ -232,15 +233,15 @@ def load_init_params(path: str, model: GlmvConfig, layout: StateLayout):
         raise ConfigError(f"train.init_from: {folder} holds no glmv checkpoints/ (orbax and Hugging Face folders "
                           "are read from local paths)")
     folder = Path(folder)
-    if (folder / convert.PARAMS_DIR).is_dir():
-        saved, params = convert.load_orbax_params(folder)
-    elif (folder / "config.json").is_file():
-        saved, params = hf.load_hf_checkpoint(folder)
-    else:
-        raise FileNotFoundError(f"train.init_from: {folder} is neither a glmv workdir (checkpoints/), an orbax "
-                                "folder (config.json + params/) nor a Hugging Face folder (config.json + safetensors)")
-    _same_model(saved, model, folder)
-    return jax.device_put(params, layout.param_shardings)
+    dtype = jax.tree.leaves(layout.abstract_params)[0].dtype
+    if (folder / convert.PARAMS_DIR).is_dir():  # each process reads only its devices' blocks, in place
+        _same_model(convert.read_orbax_config(folder), model, folder)
+        return convert.load_orbax_params(folder, dtype=dtype, shardings=layout.param_shardings)[1]
+    if (folder / "config.json").is_file():
+        _same_model(hf.read_hf_config(folder), model, folder)
+        return hf.load_hf_checkpoint(folder, dtype=dtype, shardings=layout.param_shardings)[1]
+    raise FileNotFoundError(f"train.init_from: {folder} is neither a glmv workdir (checkpoints/), an orbax "
+                            "folder (config.json + params/) nor a Hugging Face folder (config.json + safetensors)")
 
 
 def _same_model(saved: GlmvConfig, model: GlmvConfig, where: Path) -> None:
