@@ -174,7 +174,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
     """Read an HF GLM-4.1V folder into (config, params) with params in `dtype`.
 
     Everything is checked first (architecture, shards present, every key with the expected shape). Each
-    leaf is then built with `jax.make_array_from_callback` straight into its sharding: `shardings` (a params
+    leaf is then built block by block straight into its sharding (`_build`): `shardings` (a params
     tree of shardings, e.g. a run's `param_shardings`), or those of `model.glmv.param_shardings(config, mesh)`
     with a `mesh`, or the default device. Every local device's block is read on its own
     (`slices.read_block`: only the rows it needs, sliced before it is transposed, converted to `dtype` after
@@ -209,8 +209,18 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
         keys = _keys(entry)
         shape = ((len(keys),) if entry.layers else ()) + entry.shape
         sharding = default if shardings is None else _get(shardings, entry.path)
-        _set(params, entry.path, jax.make_array_from_callback(shape, sharding, _reader(entry, keys, located, dtype)))
+        _set(params, entry.path, _build(shape, sharding, _reader(entry, keys, located, dtype)))
     return config, params
+
+
+def _build(shape: tuple[int, ...], sharding, read) -> jax.Array:
+    """The array `shape` placed as `sharding` says, each local device's block `read(index)` and put on its
+    device before the next is read (`jax.make_array_from_callback` reads them all first: every block of a
+    leaf in host memory at once, twice the leaf's bytes while they are copied)."""
+    blocks = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        blocks.append(jax.device_put(np.ascontiguousarray(read(index)), device).block_until_ready())
+    return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
 
 
 def _reader(entry: Tensor, keys: list[str], located: dict[str, Shard], dtype):
@@ -218,12 +228,12 @@ def _reader(entry: Tensor, keys: list[str], located: dict[str, Shard], dtype):
     def read(index):
         index = slices.normalize(index, ((len(keys),) if entry.layers else ()) + entry.shape)
         if not entry.layers:
-            return np.asarray(slices.read_block(located[keys[0]].file, keys[0], entry.kind, entry.shape, index),
-                              dtype)
+            return slices.read_block(located[keys[0]].file, keys[0], entry.kind, entry.shape, index, dtype)
         layers = range(len(keys))[index[0]]
         out = np.empty((len(layers),) + tuple(s.stop - s.start for s in index[1:]), dtype)
         for i, layer in enumerate(layers):
-            out[i] = slices.read_block(located[keys[layer]].file, keys[layer], entry.kind, entry.shape, index[1:])
+            out[i] = slices.read_block(located[keys[layer]].file, keys[layer], entry.kind, entry.shape, index[1:],
+                                       dtype)
         return out
 
     return read

@@ -27,6 +27,7 @@ from glmv_jax.errors import CheckpointError
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
                 "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                 "BOOL": np.bool_}
+CHUNK_BYTES = 32 << 20  # rows read at once by `read_block`
 
 
 class TensorFile:
@@ -42,6 +43,15 @@ class TensorFile:
         self._base = 8 + n
         self.entries = {k: (np.dtype(NUMPY_DTYPES[v["dtype"]]).newbyteorder("<"), tuple(v["shape"]),
                             int(v["data_offsets"][0])) for k, v in header.items()}
+
+    def chunks(self, key: str, runs: list[tuple[int, int]], max_rows: int):
+        """(first row's place in the concatenated runs, rows) for `runs` read at most `max_rows` rows at a time."""
+        at = 0
+        for start, stop in runs:
+            for first in range(start, stop, max_rows):
+                rows = self.rows(key, [(first, min(first + max_rows, stop))])
+                yield at, rows
+                at += len(rows)
 
     def rows(self, key: str, runs: list[tuple[int, int]]) -> np.ndarray:
         dtype, shape, offset = self.entries[key]
@@ -106,27 +116,38 @@ def split_at(shape: tuple[int, ...], size: int, *, leading: bool) -> int:
     raise ValueError(f"no split of {shape} has {size} elements {'first' if leading else 'last'}")
 
 
-def read_block(file: TensorFile, key: str, kind: str, shape: tuple[int, ...], index: tuple) -> np.ndarray:
-    """Block `index` of our leaf `shape` (one layer) from HF tensor `key` of `file`; `kind` as `hf.Tensor.kind`:
+def read_block(file: TensorFile, key: str, kind: str, shape: tuple[int, ...], index: tuple, dtype=None,
+               chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
+    """Block `index` of our leaf `shape` (one layer) from HF tensor `key` of `file`, in `dtype` (default: the
+    file's); `kind` as `hf.Tensor.kind`:
 
     kernel      HF (out, in...) -> ours (*in_dims, *out_dims): rows of the out dims, then in dims cut, transposed;
     downsample  HF (out, c, m, m) -> ours (m*m*c, out), rows ordered (mh, mw, c);
     copy        HF (a, rest...) -> ours, a reshape: rows of ours' leading dims whose product is a.
+
+    The rows are read `chunk_bytes` at a time, each chunk cut and written into the block before the next is
+    read: the transient memory is one chunk, whatever the tensor's size.
     """
-    _, hf_shape, _ = file.entries[key]
+    file_dtype, hf_shape, _ = file.entries[key]
+    dtype = file_dtype if dtype is None else np.dtype(dtype)
     index = normalize(index, shape)
+    sizes = tuple(s.stop - s.start for s in index)
+    row_bytes = math.prod(hf_shape[1:]) * file_dtype.itemsize
+    max_rows = max(1, chunk_bytes // max(row_bytes, 1))
     if kind == "copy":
         k = split_at(shape, hf_shape[0], leading=True)
-        rows = file.rows(key, flat_runs(shape[:k], index[:k]))
-        block = rows.reshape(tuple(s.stop - s.start for s in index[:k]) + tuple(shape[k:]))
-        return block[(slice(None),) * k + index[k:]]
+        out = np.empty((math.prod(sizes[:k]),) + sizes[k:], dtype)
+        for at, rows in file.chunks(key, flat_runs(shape[:k], index[:k]), max_rows):
+            out[at:at + len(rows)] = rows.reshape((len(rows),) + tuple(shape[k:]))[(slice(None),) + index[k:]]
+        return out.reshape(sizes)
     k = split_at(shape, hf_shape[0], leading=False)  # ours[k:] are the out dims
-    out_sizes = tuple(s.stop - s.start for s in index[k:])
-    rows = file.rows(key, flat_runs(shape[k:], index[k:]))
-    if kind == "downsample":
-        rows = rows.transpose(0, 2, 3, 1)
-    block = rows.reshape(rows.shape[0], -1)[:, _flat_in(shape[:k], index[:k])].T
-    return block.reshape(tuple(s.stop - s.start for s in index[:k]) + out_sizes)
+    picked = _flat_in(shape[:k], index[:k])
+    out = np.empty((math.prod(sizes[:k]), math.prod(sizes[k:])), dtype)
+    for at, rows in file.chunks(key, flat_runs(shape[k:], index[k:]), max_rows):
+        if kind == "downsample":
+            rows = rows.transpose(0, 2, 3, 1)
+        out[:, at:at + len(rows)] = rows.reshape(len(rows), -1)[:, picked].T
+    return out.reshape(sizes)
 
 
 def _flat_in(shape: tuple[int, ...], index: tuple[slice, ...]):
