@@ -142,10 +142,10 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     try:
         with jax.set_mesh(mesh):
             while step < total_steps:
-                host_batch = next(train_iter)
-                state, metrics = train_fn(state, place(host_batch))
+                micro = [next(train_iter) for _ in range(cfg.optimizer.accumulate)]  # one update's micro-batches
+                state, metrics = train_fn(state, place(micro[0]) if len(micro) == 1 else [place(b) for b in micro])
                 step += 1
-                segments = host_batch["segment_ids"]
+                segments = np.stack([b["segment_ids"] for b in micro])
                 pending.append((step, metrics, int((segments > 0).sum()), int(segments.size)))
                 progress.update()
 
@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                 positions = sum(p[3] for p in pending)
                 last = {"step": step, "loss": float(fetched[-1]["loss"]),
                         "grad_norm": float(fetched[-1]["grad_norm"]),
-                        "lr": float(learning_rate((step - 1) // cfg.optimizer.accumulate)),
+                        "lr": float(learning_rate(step - 1)),
                         "tokens_per_s": real / elapsed if elapsed > 0 else 0.0,
                         "trained_tokens": int(sum(float(m["tokens"]) for m in fetched)),
                         "padding_fraction": 1.0 - real / positions,

@@ -12,9 +12,15 @@ from glmv_jax.train.losses import cross_entropy
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
-def batch_loss(params, config: GlmvConfig, batch: dict, *, context: int = 1, remat_policy: str = "none",
-               compute_dtype=None, scan_layers: bool = True, attention_impl: str | None = None):
-    """Mean masked cross entropy of a packed batch and its token count.
+def batch_loss(params, config: GlmvConfig, batch: dict, **kwargs):
+    """Mean masked cross entropy of a packed batch and its token count (`batch_totals`' total / count)."""
+    total, count = batch_totals(params, config, batch, **kwargs)
+    return total / jnp.maximum(count, 1.0), count
+
+
+def batch_totals(params, config: GlmvConfig, batch: dict, *, context: int = 1, remat_policy: str = "none",
+                 compute_dtype=None, scan_layers: bool = True, attention_impl: str | None = None):
+    """Summed masked cross entropy of a packed batch and its token count.
 
     batch: input_ids, segment_ids, mm_token_type_ids, targets, loss_mask (B, T); pixel values and grids.
     With context > 1 every per-token array is put in the load-balanced order once, here. With a
@@ -29,8 +35,7 @@ def batch_loss(params, config: GlmvConfig, batch: dict, *, context: int = 1, rem
                           context, extra={"targets": batch["targets"], "loss_mask": batch["loss_mask"]})
     visual = {k: batch.get(k) for k in VISUAL_KEYS}
     logits = apply(params, config, tokens, visual, remat_policy, scan_layers, attention_impl)
-    total, count = cross_entropy(logits, tokens["targets"], tokens["loss_mask"])
-    return total / jnp.maximum(count, 1.0), count
+    return cross_entropy(logits, tokens["targets"], tokens["loss_mask"])
 
 
 # ------------------------------------------------------------------------------ train state
@@ -63,16 +68,42 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def train_step(state: dict, batch: dict, *, config: GlmvConfig, tx, context: int = 1, remat_policy: str = "none",
+def train_step(state: dict, batch, *, config: GlmvConfig, tx, context: int = 1, remat_policy: str = "none",
                compute_dtype=None, scan_layers: bool = True, attention_impl: str | None = None):
-    """One optimizer update on a packed batch: (new state, metrics {loss, grad_norm, tokens})."""
-    def loss_fn(params):
-        return batch_loss(params, config, batch, context=context, remat_policy=remat_policy,
-                          compute_dtype=compute_dtype, scan_layers=scan_layers, attention_impl=attention_impl)
+    """One optimizer update: (new state, metrics {loss, grad_norm, tokens}).
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    `batch` is one packed batch (a dict), or a list of N packed batches of the same shapes (micro-batches,
+    `optimizer.accumulate = N`): their gradients are summed in a `lax.scan` (one micro-batch's activations
+    alive at a time, plus one params-sized f32 sum) and divided by the tokens of all N, so the update is the
+    one of a single batch holding all N (the same loss and gradient, up to float summation order).
+    """
+    kwargs = dict(context=context, remat_policy=remat_policy, compute_dtype=compute_dtype, scan_layers=scan_layers,
+                  attention_impl=attention_impl)
+    if isinstance(batch, dict):
+        def loss_fn(params):
+            return batch_loss(params, config, batch, **kwargs)
+
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    else:
+        loss, count, grads = accumulated_grads(state["params"], config, batch, **kwargs)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
+
+def accumulated_grads(params, config: GlmvConfig, micro_batches, **kwargs):
+    """(mean loss, tokens, gradient of the mean loss) over a list of micro-batches, as of one batch holding them
+    all: summed losses and gradients (a scan over the stacked micro-batches) divided by the total token count."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)
+    totals = jax.value_and_grad(lambda p, b: batch_totals(p, config, b, **kwargs), has_aux=True)
+
+    def body(carry, micro):
+        total, count, grads = carry
+        (t, c), g = totals(params, micro)
+        return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (total, count, grads), _ = jax.lax.scan(body, (zero, zero, jax.tree.map(jnp.zeros_like, params)), stacked)
+    scale = 1.0 / jnp.maximum(count, 1.0)
+    return total * scale, count, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
