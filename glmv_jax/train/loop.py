@@ -95,12 +95,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     place = functools.partial(_place_batch, mesh=mesh, vision=v, budgets=budgets)
 
     # ------------------------------------------------------------------------- sharded state: restore or init
-    from glmv_jax.train.steps import batch_loss, train_step
+    from glmv_jax.train.steps import batch_loss
 
     layout = setup.state_layout(model, cfg, mesh)
-    param_shardings, tx, shardings = layout.param_shardings, layout.tx, layout.shardings
+    param_shardings = layout.param_shardings
     replicated = NamedSharding(mesh, P())
-    step_shardings = {k: shardings[k] for k in ("step", "params", "opt_state")}
     checkpointer = TrainCheckpointer(workdir, keep=cfg.checkpoint.keep)
     state = setup.restore_or_init(cfg, layout, checkpointer, model, mesh, resuming=resuming, data_iterator=train_iter)
     rng = state.pop("rng")
@@ -110,12 +109,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     # ------------------------------------------------------------------------------ the compiled steps
     compute_dtype = setup.compute_dtype_of(cfg)
     batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(s)) for k, s in BATCH_SPECS.items()}
-    train_fn = jax.jit(
-        functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
-                          remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype,
-                          scan_layers=cfg.train.scan_layers, attention_impl=cfg.train.attention_impl),
-        in_shardings=(step_shardings, batch_shardings), out_shardings=(step_shardings, replicated),
-        donate_argnums=0)
+    train_fn = setup.jit_train_step(cfg, model, layout, mesh, batch_shardings)
     eval_fn = jax.jit(lambda params, batch: batch_loss(params, model, batch, context=mesh.shape["context"],
                                                        compute_dtype=compute_dtype, scan_layers=cfg.train.scan_layers,
                                                        attention_impl=cfg.train.attention_impl),

@@ -186,6 +186,22 @@ def state_layout(model: GlmvConfig, cfg: TrainConfig, mesh) -> StateLayout:
                        state_shardings(abstract_state, param_shardings, mesh))
 
 
+def jit_train_step(cfg: TrainConfig, model: GlmvConfig, layout: StateLayout, mesh, batch_shardings):
+    """The jitted train step `glmv train` runs (and `glmv plan --train-config` compiles): state -> state, with
+    `optimizer.accumulate` micro-batches per step (a list of batches when it is above 1)."""
+    from glmv_jax.train.steps import train_step
+
+    step_shardings = {k: layout.shardings[k] for k in ("step", "params", "opt_state")}
+    accumulate = cfg.optimizer.accumulate
+    batches = batch_shardings if accumulate == 1 else [batch_shardings] * accumulate
+    return jax.jit(
+        functools.partial(train_step, config=model, tx=layout.tx, context=mesh.shape["context"],
+                          remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype_of(cfg),
+                          scan_layers=cfg.train.scan_layers, attention_impl=cfg.train.attention_impl),
+        in_shardings=(step_shardings, batches), out_shardings=(step_shardings, NamedSharding(mesh, P())),
+        donate_argnums=0)
+
+
 def init_sharded_params(model: GlmvConfig, seed: int, param_shardings):
     """Random params created in place on the mesh (one program, whatever the optimizer)."""
     from glmv_jax.model.glmv import init_params
@@ -255,5 +271,6 @@ def _same_model(saved: GlmvConfig, model: GlmvConfig, where: Path) -> None:
 
 
 __all__ = ["StateLayout", "check_model_tokenizer", "compute_dtype_of", "image_processor", "init_sharded_params",
+           "jit_train_step",
            "load_init_params", "model_for_tokenizer", "restore_or_init", "run_mesh", "state_layout",
            "tokenizer_and_model", "use_compile_cache", "workdir_path", "write_run_files"]
