@@ -1,4 +1,4 @@
-"""Gradient accumulation: N micro-batches of b rows give the loss, gradient and update of one batch of N*b rows."""
+"""Gradient accumulation: N micro-batches of b rows, fed one at a time, give the loss, gradient and update of one batch of N*b rows."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +7,7 @@ import optax
 
 from glmv_jax import load_config
 from glmv_jax.model.glmv import init_params
-from glmv_jax.train.steps import accumulated_grads, batch_loss, init_state, train_step
+from glmv_jax.train.steps import accumulate_step, apply_accumulated, batch_loss, init_accumulator, init_state
 
 N, B, T = 3, 2, 32
 
@@ -59,23 +59,27 @@ def test_micro_batches_equal_one_batch_in_loss_gradient_and_update():
     assert len(set(counts)) > 1 and all(m["image_grid_thw"].any() for m in micro)  # unequal token counts, images
 
     (loss, count), grads = jax.jit(jax.value_and_grad(lambda p: batch_loss(p, config, whole), has_aux=True))(params)
-    acc_loss, acc_count, acc_grads = jax.jit(lambda p, m: accumulated_grads(p, config, m))(params, micro)
-    assert float(acc_count) == float(count) == sum(counts)
-    np.testing.assert_allclose(float(acc_loss), float(loss), rtol=1e-6)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(acc_grads), jax.tree.leaves(grads)):
+    micro_step = jax.jit(lambda a, p, b: accumulate_step(a, p, b, config=config))
+    acc = init_accumulator(params)
+    for m in micro:  # one micro-batch at a time, as glmv train feeds them
+        acc = micro_step(acc, params, m)
+    assert float(acc["count"]) == float(count) == sum(counts)
+    np.testing.assert_allclose(float(acc["total"] / acc["count"]), float(loss), rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(acc["grads"]), jax.tree.leaves(grads)):
         # f32, summed in another order: within 1e-5 of the leaf's largest gradient (the modules' parity bound)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(np.abs(b).max()),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(np.asarray(a) / float(count), np.asarray(b), rtol=0,
+                                   atol=1e-5 * float(np.abs(b).max()), err_msg=jax.tree_util.keystr(path))
     # the mean of the micro-batches' own mean losses is not the batch's loss: the token weighting matters
     micro_loss = jax.jit(lambda p, m: batch_loss(p, config, m)[0])
     means = [float(micro_loss(params, m)) for m in micro]
     assert abs(np.mean(means) - float(loss)) > 1e-4
 
     tx = optax.sgd(1.0)  # the update is minus the gradient: any error in it shows
-    acc, metrics = jax.jit(lambda s, b: train_step(s, b, config=config, tx=tx))(init_state(params, tx), micro)
+    new, metrics = jax.jit(lambda s, a: apply_accumulated(s, a, tx=tx))(init_state(params, tx), acc)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(grads)), rtol=1e-5)
-    for (path, a), p, g in zip(jax.tree_util.tree_leaves_with_path(acc["params"]), jax.tree.leaves(params),
+    assert int(new["step"]) == 1
+    for (path, a), p, g in zip(jax.tree_util.tree_leaves_with_path(new["params"]), jax.tree.leaves(params),
                                jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(p - g), rtol=0, atol=1e-5 * float(np.abs(g).max()) + 1e-7,
                                    err_msg=jax.tree_util.keystr(path))

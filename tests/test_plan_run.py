@@ -41,5 +41,5 @@ def test_plan_bytes_equal_the_arrays_glmv_train_builds(tmp_path):
                       devices=1, model=model)
     assert single.bytes_accumulation == 0 and "accumulation buffer" not in report(single)
     assert single.bytes_params == params and single.bytes_opt_state == opt_state
-    # the f32 gradient sum lives in the accumulated step's temporaries
-    assert planned.bytes_temp - single.bytes_temp >= 0.9 * params, (planned.bytes_temp, single.bytes_temp, params)
+    # the peak holds params, optimizer state and the f32 gradient sum at once
+    assert planned.bytes_total >= params + opt_state + planned.bytes_accumulation

@@ -136,11 +136,17 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     try:
         with jax.set_mesh(mesh):
             while step < total_steps:
-                micro = [next(train_iter) for _ in range(cfg.optimizer.accumulate)]  # one update's micro-batches
-                state, metrics = train_fn(state, place(micro[0]) if len(micro) == 1 else [place(b) for b in micro])
+                counts: list[tuple[int, int]] = []   # (real tokens, token positions) of each micro-batch
+
+                def micro_batches():  # optimizer.accumulate of them, drawn and placed one at a time
+                    for _ in range(cfg.optimizer.accumulate):
+                        host_batch = next(train_iter)
+                        counts.append((int((host_batch["segment_ids"] > 0).sum()), host_batch["segment_ids"].size))
+                        yield place(host_batch)
+
+                state, metrics = train_fn(state, micro_batches())
                 step += 1
-                segments = np.stack([b["segment_ids"] for b in micro])
-                pending.append((step, metrics, int((segments > 0).sum()), int(segments.size)))
+                pending.append((step, metrics, sum(c[0] for c in counts), sum(c[1] for c in counts)))
                 progress.update()
 
                 log_now = step % cfg.train.log_every == 0 or step == total_steps

@@ -159,7 +159,7 @@ def report(p: Plan) -> str:
         "| per device | GB |", "|---|---|",
         f"| params (f32 master) | {p.bytes_params / gb:.2f} |",
         f"| optimizer state | {p.bytes_opt_state / gb:.2f} |",
-        *([f"| accumulation buffer (f32 gradient sum; part of the temporaries below) | "
+        *([f"| accumulation buffer (f32 gradient sum, kept across the micro-batches) | "
            f"{p.bytes_accumulation / gb:.2f} |"] if p.accumulate > 1 else []),
         f"| activations + temporaries (XLA) | {p.bytes_temp / gb:.2f} |",
         f"| total (XLA: arguments + outputs - aliased + temporaries) | {p.bytes_total / gb:.2f} |",
@@ -253,24 +253,43 @@ def plan_run(cfg, devices: int, hosts: int = 1, model=None) -> Plan:
     step_state = {k: layout.abstract_state[k] for k in ("step", "params", "opt_state")}
     accumulate = cfg.optimizer.accumulate
     fn = setup.jit_train_step(cfg, model, layout, mesh, batch_shardings)
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = fn.lower(step_state, batch if accumulate == 1 else [batch] * accumulate).compile()
-    compile_s = time.perf_counter() - start
-    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     params_bytes = per_device_bytes(step_state["params"], layout.shardings["params"])
     opt_bytes = per_device_bytes(step_state["opt_state"], layout.shardings["opt_state"])
-    temp = float(memory.temp_size_in_bytes)
-    total = float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + temp)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        if accumulate == 1:
+            programs = [(fn.single.lower(step_state, batch).compile(), 0.0)]
+        else:  # the micro-batch program (the optimizer state stays resident beside it) and the update
+            from glmv_jax.train.steps import init_accumulator
+            acc = jax.eval_shape(init_accumulator, step_state["params"])
+            programs = [(fn.micro.lower(acc, step_state["params"], batch).compile(), opt_bytes),
+                        (fn.apply.lower(step_state, acc).compile(), 0.0)]
+    compile_s = time.perf_counter() - start
+    peaks = [_total(compiled.memory_analysis()) + resident for compiled, resident in programs]
+    compiled = programs[int(np.argmax(peaks))][0]
+    temp = float(compiled.memory_analysis().temp_size_in_bytes)
+    cost = programs[0][0].cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    found: dict = {}
+    for program, _ in programs:
+        for op, (c, b) in collectives(program.as_text()).items():
+            found[op] = (found.get(op, (0, 0.0))[0] + c, found.get(op, (0, 0.0))[1] + b)
     patches = int(np.prod(visual["pixel_values"][:-1]))
     flops = model_flops(model, data.batch_size * data.seq_len, patches, data.seq_len, data.batch_size) * accumulate
     setting = (f"remat {cfg.train.remat_policy}, compute {cfg.train.compute_dtype}, params float32; visual per "
                f"micro-batch: pixel_values {visual['pixel_values']}, image_grid_thw {visual['image_grid_thw']} "
                f"({hosts} host(s))")
-    return Plan(sizes, data.seq_len, data.batch_size, patches // unit, params_bytes, opt_bytes, temp, total, flops,
-                float(cost.get("flops", 0.0)), collectives(compiled.as_text()), compile_s, accumulate,
-                params_bytes if accumulate > 1 else 0.0, setting)
+    if accumulate > 1:
+        setting += "; peak of the micro-batch program (optimizer state resident beside it) and the update program"
+    return Plan(sizes, data.seq_len, data.batch_size, patches // unit, params_bytes, opt_bytes, temp, max(peaks),
+                flops, float(cost.get("flops", 0.0)), found, compile_s, accumulate,
+                per_device_bytes(acc["grads"], layout.param_shardings) if accumulate > 1 else 0.0, setting)
+
+
+def _total(memory) -> float:
+    """Bytes a compiled program needs on a device: arguments + outputs - aliased + temporaries."""
+    return float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                 + memory.temp_size_in_bytes)
 
 
 def per_device_bytes(tree, shardings) -> float:

@@ -186,20 +186,56 @@ def state_layout(model: GlmvConfig, cfg: TrainConfig, mesh) -> StateLayout:
                        state_shardings(abstract_state, param_shardings, mesh))
 
 
-def jit_train_step(cfg: TrainConfig, model: GlmvConfig, layout: StateLayout, mesh, batch_shardings):
-    """The jitted train step `glmv train` runs (and `glmv plan --train-config` compiles): state -> state, with
-    `optimizer.accumulate` micro-batches per step (a list of batches when it is above 1)."""
-    from glmv_jax.train.steps import train_step
+class TrainStep(NamedTuple):
+    """The compiled step of a run: `step(state, batches)` -> (state, metrics), `batches` an iterable of
+    `optimizer.accumulate` placed micro-batches, drawn one at a time. With accumulate 1, `single` is the one
+    jitted step; above 1, `init` (zero sums), `micro` (acc, params, batch -> acc, acc donated) and `apply`
+    (state, acc -> state, metrics) are (train/steps.py's gradient accumulation)."""
+
+    accumulate: int
+    single: Any
+    init: Any
+    micro: Any
+    apply: Any
+
+    def __call__(self, state, batches):
+        if self.accumulate == 1:
+            return self.single(state, next(iter(batches)))
+        acc = self.init(state["params"])
+        count = 0
+        for batch in batches:
+            acc = self.micro(acc, state["params"], batch)
+            count += 1
+        if count != self.accumulate:
+            raise ValueError(f"a step takes {self.accumulate} micro-batches, got {count}")
+        return self.apply(state, acc)
+
+
+def jit_train_step(cfg: TrainConfig, model: GlmvConfig, layout: StateLayout, mesh, batch_shardings) -> TrainStep:
+    """The compiled train step `glmv train` runs (and `glmv plan --train-config` compiles), with
+    `optimizer.accumulate` micro-batches per update."""
+    from glmv_jax.train import steps
 
     step_shardings = {k: layout.shardings[k] for k in ("step", "params", "opt_state")}
+    replicated = NamedSharding(mesh, P())
+    kwargs = dict(context=mesh.shape["context"], remat_policy=cfg.train.remat_policy,
+                  compute_dtype=compute_dtype_of(cfg), scan_layers=cfg.train.scan_layers,
+                  attention_impl=cfg.train.attention_impl)
     accumulate = cfg.optimizer.accumulate
-    batches = batch_shardings if accumulate == 1 else [batch_shardings] * accumulate
-    return jax.jit(
-        functools.partial(train_step, config=model, tx=layout.tx, context=mesh.shape["context"],
-                          remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype_of(cfg),
-                          scan_layers=cfg.train.scan_layers, attention_impl=cfg.train.attention_impl),
-        in_shardings=(step_shardings, batches), out_shardings=(step_shardings, NamedSharding(mesh, P())),
-        donate_argnums=0)
+    if accumulate == 1:
+        single = jax.jit(functools.partial(steps.train_step, config=model, tx=layout.tx, **kwargs),
+                         in_shardings=(step_shardings, batch_shardings), out_shardings=(step_shardings, replicated),
+                         donate_argnums=0)
+        return TrainStep(1, single, None, None, None)
+    acc_shardings = {"grads": layout.param_shardings, "total": replicated, "count": replicated}
+    init = jax.jit(steps.init_accumulator, in_shardings=(layout.param_shardings,), out_shardings=acc_shardings)
+    micro = jax.jit(functools.partial(steps.accumulate_step, config=model, **kwargs),
+                    in_shardings=(acc_shardings, layout.param_shardings, batch_shardings),
+                    out_shardings=acc_shardings, donate_argnums=0)
+    apply = jax.jit(functools.partial(steps.apply_accumulated, tx=layout.tx),
+                    in_shardings=(step_shardings, acc_shardings), out_shardings=(step_shardings, replicated),
+                    donate_argnums=(0, 1))
+    return TrainStep(accumulate, None, init, micro, apply)
 
 
 def init_sharded_params(model: GlmvConfig, seed: int, param_shardings):
@@ -271,6 +307,6 @@ def _same_model(saved: GlmvConfig, model: GlmvConfig, where: Path) -> None:
 
 
 __all__ = ["StateLayout", "check_model_tokenizer", "compute_dtype_of", "image_processor", "init_sharded_params",
-           "jit_train_step",
+           "TrainStep", "jit_train_step",
            "load_init_params", "model_for_tokenizer", "restore_or_init", "run_mesh", "state_layout",
            "tokenizer_and_model", "use_compile_cache", "workdir_path", "write_run_files"]

@@ -68,42 +68,48 @@ def _keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def train_step(state: dict, batch, *, config: GlmvConfig, tx, context: int = 1, remat_policy: str = "none",
+def train_step(state: dict, batch: dict, *, config: GlmvConfig, tx, context: int = 1, remat_policy: str = "none",
                compute_dtype=None, scan_layers: bool = True, attention_impl: str | None = None):
-    """One optimizer update: (new state, metrics {loss, grad_norm, tokens}).
+    """One optimizer update on a packed batch: (new state, metrics {loss, grad_norm, tokens})."""
+    def loss_fn(params):
+        return batch_loss(params, config, batch, context=context, remat_policy=remat_policy,
+                          compute_dtype=compute_dtype, scan_layers=scan_layers, attention_impl=attention_impl)
 
-    `batch` is one packed batch (a dict), or a list of N packed batches of the same shapes (micro-batches,
-    `optimizer.accumulate = N`): their gradients are summed in a `lax.scan` (one micro-batch's activations
-    alive at a time, plus one params-sized f32 sum) and divided by the tokens of all N, so the update is the
-    one of a single batch holding all N (the same loss and gradient, up to float summation order).
-    """
-    kwargs = dict(context=context, remat_policy=remat_policy, compute_dtype=compute_dtype, scan_layers=scan_layers,
-                  attention_impl=attention_impl)
-    if isinstance(batch, dict):
-        def loss_fn(params):
-            return batch_loss(params, config, batch, **kwargs)
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    return apply_grads(state, grads, loss, count, tx=tx)
 
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    else:
-        loss, count, grads = accumulated_grads(state["params"], config, batch, **kwargs)
+
+def apply_grads(state: dict, grads, loss, count, *, tx):
+    """The optimizer update of `grads`: (new state, metrics {loss, grad_norm, tokens})."""
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def accumulated_grads(params, config: GlmvConfig, micro_batches, **kwargs):
-    """(mean loss, tokens, gradient of the mean loss) over a list of micro-batches, as of one batch holding them
-    all: summed losses and gradients (a scan over the stacked micro-batches) divided by the total token count."""
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *micro_batches)
-    totals = jax.value_and_grad(lambda p, b: batch_totals(p, config, b, **kwargs), has_aux=True)
+# ------------------------------------------------------------------------------ gradient accumulation
+# optimizer.accumulate = N: one update from N micro-batches, fed one at a time (one micro-batch on the devices at
+# a time, whatever N): `accumulate_step` adds each one's summed loss, token count and gradient of the summed loss
+# into an f32 accumulator (params-sized, donated from call to call); `apply_accumulated` divides by all N
+# micro-batches' tokens and updates, so the update is that of one batch holding all N (up to summation order).
 
-    def body(carry, micro):
-        total, count, grads = carry
-        (t, c), g = totals(params, micro)
-        return (total + t, count + c, jax.tree.map(jnp.add, grads, g)), None
+def init_accumulator(params) -> dict:
+    """Zero sums: {grads: f32 like params, total: (), count: ()}."""
+    return {"grads": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+            "total": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
 
-    zero = jnp.zeros((), jnp.float32)
-    (total, count, grads), _ = jax.lax.scan(body, (zero, zero, jax.tree.map(jnp.zeros_like, params)), stacked)
-    scale = 1.0 / jnp.maximum(count, 1.0)
-    return total * scale, count, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+def accumulate_step(acc: dict, params, batch: dict, *, config: GlmvConfig, **kwargs) -> dict:
+    """`acc` plus one micro-batch's summed loss, token count and gradient of the summed loss (see `batch_totals`
+    for kwargs)."""
+    (total, count), grads = jax.value_and_grad(
+        lambda p: batch_totals(p, config, batch, **kwargs), has_aux=True)(params)
+    return {"grads": jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc["grads"], grads),
+            "total": acc["total"] + total, "count": acc["count"] + count}
+
+
+def apply_accumulated(state: dict, acc: dict, *, tx):
+    """The update of the accumulated micro-batches: mean loss and gradient over all their tokens."""
+    scale = 1.0 / jnp.maximum(acc["count"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), acc["grads"], state["params"])
+    return apply_grads(state, grads, acc["total"] * scale, acc["count"], tx=tx)
