@@ -234,7 +234,7 @@ def jit_train_step(cfg: TrainConfig, model: GlmvConfig, layout: StateLayout, mes
                     out_shardings=acc_shardings, donate_argnums=0)
     apply = jax.jit(functools.partial(steps.apply_accumulated, tx=layout.tx),
                     in_shardings=(step_shardings, acc_shardings), out_shardings=(step_shardings, replicated),
-                    donate_argnums=(0, 1))
+                    donate_argnums=0)  # the sums have no output to alias; freed after the call
     return TrainStep(accumulate, None, init, micro, apply)
 
 
