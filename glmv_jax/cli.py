@@ -159,18 +159,64 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
-    import math
+def _simulate_devices(devices: int) -> None:
+    """Simulate `devices` devices on the host CPU; read when jax first starts its backend (not at import)."""
     import os
 
-    from glmv_jax.sharding import parse_mesh
-
-    sizes = parse_mesh(args.mesh)
-    devices = math.prod(sizes.values())
-    # simulate the mesh's devices on the host CPU; read when jax first starts its backend (not at import)
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _plan_train_config(args: argparse.Namespace) -> int:
+    """`glmv plan --train-config X.yaml --slice v5p-64 | --devices N [--search]`: the step glmv train runs."""
+    import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section of training configs)
+    from glmv_jax.errors import ConfigError, GlmvError
+    from glmv_jax.train.config import load_train_config
+
+    cfg = load_train_config(args.train_config, args.overrides)
+    if args.slice:
+        from glmv_jax.train.plan import slice_chips
+        devices, hosts = slice_chips(args.slice)
+    elif args.devices:
+        devices, hosts = args.devices, args.hosts or 1
+    else:
+        raise ConfigError("glmv plan --train-config needs --slice (e.g. v5p-64) or --devices N")
+    _simulate_devices(devices)
+    from glmv_jax.train.plan import plan_run, planned_model, report, smallest_slices
+
+    model = planned_model(cfg, args.workdir)
+
+    while True:
+        print(f"compiling the train step of {args.train_config} on {devices} simulated devices ({hosts} host(s)) ...",
+              file=sys.stderr)
+        result = plan_run(cfg, devices, hosts, model)
+        print(report(result), flush=True)
+        half = devices // 2
+        if not (args.search and smallest_slices(result) and half >= 1):
+            return 0
+        try:  # the next smaller slice must still hold the config's mesh and batch
+            cfg.mesh.sizes(half)
+        except GlmvError:
+            return 0
+        devices, hosts = half, max(1, hosts // 2)
+        print("", flush=True)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import math
+
+    from glmv_jax.sharding import parse_mesh
+
+    from glmv_jax.errors import ConfigError
+
+    if args.train_config:
+        return _plan_train_config(args)
+    if not (args.config and args.mesh and args.seq):
+        raise ConfigError("glmv plan needs --train-config, or --config, --mesh and --seq")
+    sizes = parse_mesh(args.mesh)
+    devices = math.prod(sizes.values())
+    _simulate_devices(devices)
     from glmv_jax.config import load_config
     from glmv_jax.train.plan import plan, report
 
@@ -295,9 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_eval)
     p = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices; print memory, "
                                     "FLOPs, collectives and step times")
-    p.add_argument("--config", required=True, help="model config: preset name, YAML or HF config.json")
-    p.add_argument("--mesh", required=True, help="e.g. data=1,fsdp=1,context=4,tensor=2")
-    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--train-config", default=None, help="a training YAML: plan exactly the step glmv train runs "
+                                                            "from it (mesh, micro-batches, remat, dtypes, visual budgets)")
+    p.add_argument("--slice", default=None, help="with --train-config: a TPU slice, e.g. v5p-64 (32 chips, 8 hosts)")
+    p.add_argument("--devices", type=int, default=None, help="with --train-config: devices (instead of --slice)")
+    p.add_argument("--hosts", type=int, default=None, help="with --devices: processes (default 1)")
+    p.add_argument("--search", action="store_true", help="with --train-config: halve the slice while it still fits")
+    p.add_argument("--workdir", default=None, help="with --train-config: the run folder whose model (config.json) "
+                                                   "to plan (a tokenizer trained there sets its vocabulary)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --train-config: config overrides")
+    p.add_argument("--config", default=None, help="model config: preset name, YAML or HF config.json")
+    p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,context=4,tensor=2")
+    p.add_argument("--seq", type=int, default=None)
     p.add_argument("--batch", type=int, default=1, help="sequences per data replica (data x fsdp)")
     p.add_argument("--image-tokens", type=int, default=None, help="visual tokens per sequence (default seq/4)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"])

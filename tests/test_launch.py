@@ -25,6 +25,25 @@ def test_tpu_pod_dry_run():
     assert "glmv\\ train\\ --config\\ configs/pretrain_9b.yaml\\ --workdir\\ gs://bucket/run1\\ train.steps=10" in lines[-1]
 
 
+def test_tpu_pod_detaches_stages_data_and_reads_logs():
+    env = dict(TPU_NAME="glmv-pod", ZONE="us-east5-a", PROJECT="my-proj", REPO_URL="https://example.invalid/g.git")
+    out = dry_run("tpu_pod.sh", "configs/longctx_9b.yaml", "gs://bucket/run2", DATA_STAGE="gs://bucket/data", **env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    stage = [line for line in lines if "gcloud\\ storage\\ rsync" in line]
+    assert len(stage) == 1 and "--worker=all" in stage[0] and "gs://bucket/data\\ glmv-jax/data" in stage[0]
+    assert lines.index(stage[0]) < len(lines) - 1  # staged before the run starts
+    start = lines[-1]
+    assert "--worker=all" in start and "nohup\\ .venv/bin/glmv\\ train" in start  # every worker, detached
+    assert "\\>\\ ~/glmv-train.log" in start and "glmv-train.pid" in start
+    logs = dry_run("tpu_pod.sh", "logs", "20", **env)
+    assert logs.returncode == 0, logs.stderr
+    (line,) = logs.stdout.strip().splitlines()
+    assert "ssh glmv-pod --worker=all" in line and "tail\\ -n\\ 20\\ ~/glmv-train.log" in line
+    stop = dry_run("tpu_pod.sh", "stop", **env)
+    assert stop.returncode == 0 and "--worker=all" in stop.stdout and "glmv-train.pid" in stop.stdout
+
+
 def test_tpu_pod_needs_its_variables():
     env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE", "PROJECT")}
     out = subprocess.run(["bash", str(ROOT / "launch/tpu_pod.sh"), "--dry-run", "c.yaml", "w"], env=env,

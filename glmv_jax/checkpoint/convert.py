@@ -46,24 +46,34 @@ def save_orbax_params(path: str | os.PathLike, config: GlmvConfig, params: dict)
     (path / CONFIG_FILE).write_text(json.dumps(to_hf_dict(config, layout="5.x", dtype=dtype), indent=2))
 
 
-def abstract_params(config: GlmvConfig, dtype: Any = "float32") -> dict:
-    """The params tree of `config` as `jax.ShapeDtypeStruct`s, every leaf in `dtype` on the default device."""
+def abstract_params(config: GlmvConfig, dtype: Any = "float32", shardings=None) -> dict:
+    """The params tree of `config` as `jax.ShapeDtypeStruct`s, every leaf in `dtype`, placed as `shardings` (a
+    params tree of shardings) say or on the default device."""
     from glmv_jax.model.glmv import init_params
 
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(lambda: init_params(config))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=sharding), shapes)
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s), shapes, shardings)
 
 
-def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32") -> tuple[GlmvConfig, dict]:
-    """Read a folder written by `save_orbax_params` into (config, params), every leaf a jax array in `dtype`."""
+def read_orbax_config(path: str | os.PathLike) -> GlmvConfig:
+    """The model config of a folder written by `save_orbax_params`, before any array is read."""
     path = Path(path).resolve()
     missing = [name for name in (CONFIG_FILE, PARAMS_DIR) if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"{path}: not a glmv orbax checkpoint, missing {' and '.join(missing)} "
                                 f"(expected {CONFIG_FILE} beside the orbax folder {PARAMS_DIR}/)")
-    config = from_hf_dict(json.loads((path / CONFIG_FILE).read_text()))
-    target = abstract_params(config, dtype)
+    return from_hf_dict(json.loads((path / CONFIG_FILE).read_text()))
+
+
+def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32", shardings=None) -> tuple[GlmvConfig, dict]:
+    """Read a folder written by `save_orbax_params` into (config, params), every leaf a jax array in `dtype`,
+    restored straight into `shardings` (a params tree of shardings, e.g. a run's `param_shardings`; default:
+    the default device): each process reads only the blocks its devices hold."""
+    path = Path(path).resolve()
+    config = read_orbax_config(path)
+    target = abstract_params(config, dtype, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         # Compare trees before reading any array: orbax's own mismatch error comes mid-read, for one
         # leaf, and leaves the other reads pending.

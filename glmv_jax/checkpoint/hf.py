@@ -3,9 +3,10 @@
 Every HF tensor maps to one of our leaves by a table built from the config (`weight_map`). Dense
 weights (out, in) become kernels (in, out) reshaped to our split dims (heads, head_dim, ...);
 per-layer tensors are stacked on a leading layer axis for `nn.scan`. Files go through the
-safetensors library (`safe_open`; bfloat16 through ml_dtypes): loading reads tensor by tensor,
-never a whole file, and checks the whole folder (config, shards, headers, keys, shapes) before
-reading any weight; a corrupt or truncated file is a CheckpointError.
+safetensors library (`safe_open`; bfloat16 through ml_dtypes), which checks the whole folder (config,
+shards, headers, keys, shapes) before any weight is read; a corrupt or truncated file is a
+CheckpointError. Loading then reads each device's block of each tensor by byte range, sliced before it is
+transposed (checkpoint/slices.py), straight into the target shardings.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, for safetensors'
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from glmv_jax.checkpoint import slices
 from glmv_jax.config import GlmvConfig, from_hf_dict, to_hf_dict
 from glmv_jax.errors import CheckpointError
 
@@ -32,30 +34,24 @@ DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL") 
 
 
 class Shard:
-    """One .safetensors file, opened (memory-mapped) with the safetensors library, which checks the untrusted
-    header (size, JSON, dtypes, offsets covering the file exactly) before any data is touched.
-    `shapes[key]` is each tensor's shape; `tensor(key)` reads that one tensor, not the file."""
+    """One .safetensors file, checked by the safetensors library (the untrusted header: size, JSON, dtypes,
+    offsets covering the file exactly) before any data is touched; `shapes[key]` is each tensor's shape, and
+    `file` reads blocks of rows by byte range (`slices.TensorFile`, no memory map kept)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self._file = safe_open(str(self.path), framework="numpy")
-            self.shapes: dict[str, tuple[int, ...]] = {}
-            for key in self._file.keys():
-                view = self._file.get_slice(key)
-                if view.get_dtype() not in DTYPES:
-                    raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {view.get_dtype()}, "
-                                          f"expected one of {', '.join(DTYPES)}")
-                self.shapes[key] = tuple(view.get_shape())
+            with safe_open(str(self.path), framework="numpy") as checked:
+                self.shapes: dict[str, tuple[int, ...]] = {}
+                for key in checked.keys():
+                    view = checked.get_slice(key)
+                    if view.get_dtype() not in DTYPES:
+                        raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {view.get_dtype()}, "
+                                              f"expected one of {', '.join(DTYPES)}")
+                    self.shapes[key] = tuple(view.get_shape())
         except SafetensorError as e:
             raise CheckpointError(f"{self.path}: not a valid safetensors file (corrupt or truncated?): {e}") from None
-
-    def tensor(self, key: str) -> np.ndarray:
-        """The tensor `key` as a numpy array (bfloat16 through ml_dtypes)."""
-        try:
-            return self._file.get_tensor(key)
-        except SafetensorError as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
+        self.file = slices.TensorFile(self.path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +64,6 @@ class Tensor:
     shape: tuple[int, ...]     # ours, per layer
     kind: str = "kernel"      # kernel | copy | downsample
     layers: int | None = None
-
-    def to_ours(self, w: np.ndarray) -> np.ndarray:
-        if self.kind == "kernel":
-            return w.reshape(w.shape[0], -1).T.reshape(self.shape)
-        if self.kind == "downsample":  # (out, c, mh, mw) -> rows ordered (mh, mw, c)
-            return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1).T
-        return w.reshape(self.shape)
 
     def to_hf(self, k: np.ndarray) -> np.ndarray:
         out = self.hf_shape[0]
@@ -172,18 +161,28 @@ def _open_folder(path: Path) -> dict[str, Shard]:
     return located
 
 
-def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=None) -> tuple[GlmvConfig, dict]:
-    """Read an HF GLM-4.1V folder into (config, params) with params in `dtype`.
-
-    Everything is checked first (architecture, shards present, every key with the expected shape);
-    then tensors are converted one at a time. Without a mesh each leaf goes to the default device
-    before the next is read; with a mesh every device's shard is cut from its tensor as read from the
-    file (`jax.make_array_from_callback`), so no device ever holds a full copy of a sharded weight.
-    """
+def read_hf_config(path: str | os.PathLike) -> GlmvConfig:
+    """The model config of an HF folder (its config.json), before any weight is read."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model folder?)")
-    config = from_hf_dict(json.loads((path / "config.json").read_text()))
+    return from_hf_dict(json.loads((path / "config.json").read_text()))
+
+
+def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=None,
+                       shardings=None) -> tuple[GlmvConfig, dict]:
+    """Read an HF GLM-4.1V folder into (config, params) with params in `dtype`.
+
+    Everything is checked first (architecture, shards present, every key with the expected shape). Each
+    leaf is then built block by block straight into its sharding (`_build`): `shardings` (a params
+    tree of shardings, e.g. a run's `param_shardings`), or those of `model.glmv.param_shardings(config, mesh)`
+    with a `mesh`, or the default device. Every local device's block is read on its own
+    (`slices.read_block`: only the rows it needs, sliced before it is transposed, converted to `dtype` after
+    slicing), so in a multi-process run each process reads only what its devices hold, and no process ever
+    holds a whole sharded weight.
+    """
+    path = Path(path)
+    config = read_hf_config(path)
     located = _open_folder(path)
     entries = weight_map(config)
     problems = []
@@ -198,32 +197,46 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = "float32", mesh=
     if problems:
         shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} problems)" if len(problems) > 10 else "")
         raise CheckpointError(f"{path}: checkpoint does not match its config.json: {shown}")
-    shardings = None
-    if mesh is not None:
+    if shardings is None and mesh is not None:
         from glmv_jax.model.glmv import check_model, param_shardings
         check_model(config, mesh)
         shardings = param_shardings(config, mesh)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     dtype = jnp.dtype(dtype)
     params: dict = {}
     for entry in entries:
         keys = _keys(entry)
         shape = ((len(keys),) if entry.layers else ()) + entry.shape
-
-        def read(index, entry=entry, keys=keys):
-            """The block `index` (a tuple of slices of the leaf) in `dtype`, read layer by layer."""
-            if not entry.layers:
-                return np.asarray(entry.to_ours(located[keys[0]].tensor(keys[0]))[index], dtype)
-            layers = range(len(keys))[index[0]]
-            return np.stack([np.asarray(entry.to_ours(located[keys[i]].tensor(keys[i]))[index[1:]], dtype)
-                             for i in layers])
-
-        if shardings is None:
-            leaf = jax.device_put(read(tuple(slice(None) for _ in shape)))
-        else:
-            leaf = jax.make_array_from_callback(shape, _get(shardings, entry.path), read)
-        _set(params, entry.path, leaf)
+        sharding = default if shardings is None else _get(shardings, entry.path)
+        _set(params, entry.path, _build(shape, sharding, _reader(entry, keys, located, dtype)))
     return config, params
+
+
+def _build(shape: tuple[int, ...], sharding, read) -> jax.Array:
+    """The array `shape` placed as `sharding` says, each local device's block `read(index)` and put on its
+    device before the next is read (`jax.make_array_from_callback` reads them all first: every block of a
+    leaf in host memory at once, twice the leaf's bytes while they are copied)."""
+    blocks = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        blocks.append(jax.device_put(np.ascontiguousarray(read(index)), device).block_until_ready())
+    return jax.make_array_from_single_device_arrays(shape, sharding, blocks)
+
+
+def _reader(entry: Tensor, keys: list[str], located: dict[str, Shard], dtype):
+    """The callback of one leaf: block `index` (slices of the leaf) in `dtype`, filled layer by layer."""
+    def read(index):
+        index = slices.normalize(index, ((len(keys),) if entry.layers else ()) + entry.shape)
+        if not entry.layers:
+            return slices.read_block(located[keys[0]].file, keys[0], entry.kind, entry.shape, index, dtype)
+        layers = range(len(keys))[index[0]]
+        out = np.empty((len(layers),) + tuple(s.stop - s.start for s in index[1:]), dtype)
+        for i, layer in enumerate(layers):
+            out[i] = slices.read_block(located[keys[layer]].file, keys[layer], entry.kind, entry.shape, index[1:],
+                                       dtype)
+        return out
+
+    return read
 
 
 def save_hf_checkpoint(path: str | os.PathLike, config: GlmvConfig, params: dict, *,

@@ -86,6 +86,9 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     resuming = has_checkpoint(workdir)
     if not resuming and not cfg.train.init_from:
         raise ConfigError("an RL run starts from an SFT model: set train.init_from")
+    if cfg.optimizer.accumulate != 1:
+        raise ConfigError("optimizer.accumulate applies to glmv train's micro-batches; an RLCS update takes its "
+                          "iteration's whole batch (set optimizer.accumulate: 1)")
     if rl.kl_coef and not cfg.train.init_from:
         raise ConfigError("rl.kl_coef > 0 needs train.init_from (the policy the KL term is measured against)")
     tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source, None if resuming else cfg.train.init_from)

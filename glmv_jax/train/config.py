@@ -9,7 +9,8 @@ Layout of a training YAML (every key optional except where noted; defaults below
       mode: caption             # caption (loss on the whole caption) | sft (loss on the reply; LLaVA-style
                                 # "conversations" records are read as such)
       seq_len: 512              # tokens per packed row
-      batch_size: 8             # GLOBAL rows per step (split over hosts)
+      batch_size: 8             # GLOBAL rows per micro-batch (split over hosts); a step takes
+                                # optimizer.accumulate micro-batches: global batch = batch_size x accumulate
       tokenizer: synthetic      # a tokenizer.json / sentencepiece .model (or a folder holding one), or
                                 # "synthetic": a sentencepiece model trained here on the source's texts
       vocab_size: 1024          # upper bound of a tokenizer trained here
@@ -45,14 +46,15 @@ Layout of a training YAML (every key optional except where noted; defaults below
     optimizer:                  # OptimizerConfig (glmv_jax/train/optimizer.py)
       learning_rate: 3.0e-4
       warmup_steps: 100
-      total_steps: <train.steps / accumulate>   # schedule length in updates
+      total_steps: <train.steps>   # schedule length in updates
       end_learning_rate_ratio: 0.1
       b1: 0.9
       b2: 0.95
       eps: 1.0e-8
       weight_decay: 0.1
       clip_norm: 1.0
-      accumulate: 1             # micro-batches per update (train.steps counts micro-batches)
+      accumulate: 1             # micro-batches per step, their gradients summed inside the compiled step
+                                # (a lax.scan: one micro-batch's activations at a time); train.steps counts updates
       freeze: []                # parts left untouched: vision, projector, decoder
     checkpoint:
       every: 100                # save every N steps (and at the last step); asynchronous
@@ -267,10 +269,8 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{name} must be a mapping, got {values!r}")
         sections[name] = build(cls, values, name)
-    if "total_steps" not in (raw.get("optimizer") or {}):  # the schedule counts updates, train.steps micro-batches
-        opt = sections["optimizer"]
-        total = max(1, sections["train"].steps // max(opt.accumulate, 1))
-        sections["optimizer"] = dataclasses.replace(opt, total_steps=total)
+    if "total_steps" not in (raw.get("optimizer") or {}):  # the schedule's length: train.steps updates
+        sections["optimizer"] = dataclasses.replace(sections["optimizer"], total_steps=sections["train"].steps)
     for name in OWNERS:
         if raw.get(name) is not None:
             if not isinstance(raw[name], dict):

@@ -28,7 +28,6 @@ is left as it is. The CLI then exits with status 3.
 """
 from __future__ import annotations
 
-import functools
 import io
 import math
 import os
@@ -95,12 +94,11 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                  if eval_source is not None and cfg.train.eval_every else None)
 
     # ------------------------------------------------------------------------- sharded state: restore or init
-    from glmv_jax.train.steps import batch_loss, train_step
+    from glmv_jax.train.steps import batch_loss
 
     layout = setup.state_layout(model, cfg, mesh)
-    param_shardings, tx, shardings = layout.param_shardings, layout.tx, layout.shardings
+    param_shardings = layout.param_shardings
     replicated = NamedSharding(mesh, P())
-    step_shardings = {k: shardings[k] for k in ("step", "params", "opt_state")}
     checkpointer = TrainCheckpointer(workdir, keep=cfg.checkpoint.keep)
     state = setup.restore_or_init(cfg, layout, checkpointer, model, mesh, resuming=resuming, data_iterator=train_iter)
     rng = state.pop("rng")
@@ -111,12 +109,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     # ------------------------------------------------------------------------------ the compiled steps
     compute_dtype = setup.compute_dtype_of(cfg)
     batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(s)) for k, s in batches.BATCH_SPECS.items()}
-    train_fn = jax.jit(
-        functools.partial(train_step, config=model, tx=tx, context=mesh.shape["context"],
-                          remat_policy=cfg.train.remat_policy, compute_dtype=compute_dtype,
-                          scan_layers=cfg.train.scan_layers, attention_impl=cfg.train.attention_impl),
-        in_shardings=(step_shardings, batch_shardings), out_shardings=(step_shardings, replicated),
-        donate_argnums=0)
+    train_fn = setup.jit_train_step(cfg, model, layout, mesh, batch_shardings)
     eval_fn = jax.jit(lambda params, batch: batch_loss(params, model, batch, context=mesh.shape["context"],
                                                        compute_dtype=compute_dtype, scan_layers=cfg.train.scan_layers,
                                                        attention_impl=cfg.train.attention_impl),
@@ -142,11 +135,18 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     try:
         with jax.set_mesh(mesh):
             while step < total_steps:
-                host_batch = next(train_iter)
-                state, metrics = train_fn(state, place(host_batch))
+                micro_counts: list[tuple[int, int]] = []   # this host's (real tokens, positions) per micro-batch
+
+                def micro_batches():  # optimizer.accumulate of them, drawn and placed one at a time
+                    for _ in range(cfg.optimizer.accumulate):
+                        host_batch = next(train_iter)
+                        segments = host_batch["segment_ids"]
+                        micro_counts.append((int((segments > 0).sum()), int(segments.size)))
+                        yield place(host_batch)
+
+                state, metrics = train_fn(state, micro_batches())
                 step += 1
-                segments = host_batch["segment_ids"]
-                pending.append((step, metrics, int((segments > 0).sum()), int(segments.size)))
+                pending.append((step, metrics, sum(c[0] for c in micro_counts), sum(c[1] for c in micro_counts)))
                 progress.update()
 
                 log_now = step % cfg.train.log_every == 0 or step == total_steps
@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                 real, positions = int(counts[0]), int(counts[1])
                 last = {"step": step, "loss": float(fetched[-1]["loss"]),
                         "grad_norm": float(fetched[-1]["grad_norm"]),
-                        "lr": float(learning_rate((step - 1) // cfg.optimizer.accumulate)),
+                        "lr": float(learning_rate(step - 1)),
                         "tokens_per_s": real / elapsed if elapsed > 0 else 0.0,
                         "trained_tokens": int(sum(float(m["tokens"]) for m in fetched)),
                         "padding_fraction": 1.0 - real / positions,

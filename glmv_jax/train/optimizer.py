@@ -1,4 +1,4 @@
-"""AdamW with linear warmup + cosine decay, gradient clipping, decay masks, frozen parts, accumulation.
+"""AdamW with linear warmup + cosine decay, gradient clipping, decay masks, frozen parts.
 
 jax and optax are imported where the optimizer is built, so that the training config (which holds an
 `OptimizerConfig`) is read without them."""
@@ -22,7 +22,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0
-    accumulate: int = 1                 # micro-batches per update (optax.MultiSteps)
+    accumulate: int = 1                 # micro-batches per update, summed inside the train step (train/steps.py)
     freeze: tuple[str, ...] = ()        # top-level parts left untouched: "vision", "projector", "decoder"
 
 
@@ -49,8 +49,6 @@ def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation
         labels = {part: ("frozen" if part in cfg.freeze else "train") for part in params}
         labels = {part: jax.tree.map(lambda _, lab=lab: lab, params[part]) for part, lab in labels.items()}
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    if cfg.accumulate > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate)
     return tx
 
 

@@ -21,10 +21,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from glmv_jax import sharding as mesh_lib
 from glmv_jax.config import GlmvConfig
 from glmv_jax.data import visual_layout
+from glmv_jax.errors import ConfigError
+from glmv_jax.train.batches import BATCH_SPECS, TOKEN_KEYS
 
 PEAK_BF16 = {"TPU v5p": 459e12, "H100 SXM": 989e12}  # dense bf16 FLOP/s per chip
 HBM = {"TPU v5p": 95e9, "H100 SXM": 80e9}
-TOKEN_KEYS = ("input_ids", "segment_ids", "mm_token_type_ids", "targets", "loss_mask")
+# TPU slice kinds: (HBM bytes per chip, chips per host, slice-name number per chip: v5p-64 is 32 chips)
+SLICES = {"v5p": (95e9, 4, 2), "v4": (32e9, 4, 2), "v6e": (32e9, 4, 1)}
 
 
 @dataclasses.dataclass
@@ -41,6 +44,9 @@ class Plan:
     flops_xla: float         # per device, XLA's count of the compiled program
     collectives: dict        # op -> (count, bytes per device)
     compile_s: float
+    accumulate: int = 1      # micro-batches per step (optimizer.accumulate)
+    bytes_accumulation: float = 0.0  # the f32 gradient sum of accumulation, per device (inside bytes_temp)
+    setting: str = ""        # remat, dtypes, visual shapes: what was compiled, in words
 
     @property
     def devices(self) -> int:
@@ -69,8 +75,6 @@ def model_flops(config: GlmvConfig, tokens: int, patches: int, seq: int, sequenc
 def abstract_batch(config: GlmvConfig, mesh, seq: int, batch: int, image_tokens: int) -> tuple[dict, dict]:
     """ShapeDtypeStructs of a packed batch and their shardings: one image of `image_tokens` visual tokens per
     sequence, laid out as the trainer does (train/batches: one flat visual block per data x fsdp shard)."""
-    from glmv_jax.train.batches import BATCH_SPECS
-
     blocks = mesh_lib.axis_size(mesh, mesh_lib.BATCH)
     budgets = visual_layout.VisualBudgets(row_multiple=mesh.shape["context"])
     per_block = batch // blocks
@@ -131,15 +135,11 @@ def plan(config: GlmvConfig, sizes: dict[str, int], *, seq: int, batch_per_repli
                            donate_argnums=0).lower(abstract_state, batch).compile()
     compile_s = time.perf_counter() - start
 
-    def per_device(tree, tree_shardings):
-        return sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)))
-
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    params_bytes = per_device(abstract_state["params"], shardings["params"])
-    opt_bytes = per_device(abstract_state["opt_state"], shardings["opt_state"])
+    params_bytes = per_device_bytes(abstract_state["params"], shardings["params"])
+    opt_bytes = per_device_bytes(abstract_state["opt_state"], shardings["opt_state"])
     temp = float(memory.temp_size_in_bytes)
     total = float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + temp)
     tokens = global_batch * seq
@@ -151,13 +151,18 @@ def plan(config: GlmvConfig, sizes: dict[str, int], *, seq: int, batch_per_repli
 
 def report(p: Plan) -> str:
     gb = 1e9
+    batch = (f"global batch {p.global_batch}" if p.accumulate == 1 else
+             f"global batch {p.global_batch * p.accumulate} = {p.global_batch} per micro-batch x {p.accumulate}")
     lines = [
-        f"mesh {', '.join(f'{k}={v}' for k, v in p.mesh.items())}; sequence {p.seq}; global batch {p.global_batch}"
-        f" ({p.image_tokens} visual tokens per sequence); compiled in {p.compile_s:.0f}s",
+        f"mesh {', '.join(f'{k}={v}' for k, v in p.mesh.items())}; sequence {p.seq}; {batch}"
+        + (f"; {p.setting}" if p.setting else f" ({p.image_tokens} visual tokens per sequence)")
+        + f"; compiled in {p.compile_s:.0f}s",
         "",
         "| per device | GB |", "|---|---|",
         f"| params (f32 master) | {p.bytes_params / gb:.2f} |",
         f"| optimizer state | {p.bytes_opt_state / gb:.2f} |",
+        *([f"| accumulation buffer (f32 gradient sum, kept across the micro-batches) | "
+           f"{p.bytes_accumulation / gb:.2f} |"] if p.accumulate > 1 else []),
         f"| activations + temporaries (XLA) | {p.bytes_temp / gb:.2f} |",
         f"| total (XLA: arguments + outputs - aliased + temporaries) | {p.bytes_total / gb:.2f} |",
         "",
@@ -174,4 +179,121 @@ def report(p: Plan) -> str:
         fits = "yes" if p.bytes_total <= HBM[chip] else "no"
         lines.append(f"| {chip} | {HBM[chip] / gb:.0f} | {fits} | {p.step_time(chip, 0.4):.2f} s | "
                      f"{p.step_time(chip, 0.6):.2f} s |")
+    fitting = smallest_slices(p)
+    if fitting:
+        lines += ["", f"At {p.devices} chips it fits on: {', '.join(fitting)} (HBM per chip: "
+                  + ", ".join(f"{chip} {hbm / gb:.0f} GB" for chip, (hbm, _, _) in SLICES.items()) + ")."]
+    else:
+        lines += ["", f"At {p.devices} chips it fits on none of {', '.join(SLICES)}: more chips or accumulation."]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ a training YAML, as glmv train runs it
+def slice_chips(name: str) -> tuple[int, int]:
+    """(chips, hosts) of a TPU slice name: v5p-64 -> (32, 8), v4-128 -> (64, 16), v6e-16 -> (16, 4)."""
+    kind, _, count = name.partition("-")
+    if kind not in SLICES or not count.isdigit() or int(count) % SLICES[kind][2]:
+        raise ConfigError(f"unknown slice {name!r}: expected one of {', '.join(k + '-N' for k in SLICES)}")
+    chips = int(count) // SLICES[kind][2]
+    return chips, max(1, chips // SLICES[kind][1])
+
+
+def smallest_slices(p: Plan) -> list[str]:
+    """The slices of p.devices chips whose HBM holds the plan's per-device total."""
+    return [f"{kind}-{p.devices * per}" for kind, (hbm, _, per) in SLICES.items() if p.bytes_total <= hbm]
+
+
+def planned_model(cfg, workdir=None):
+    """The model `glmv train` builds for `cfg`: that of a run folder's config.json when `workdir` is given (what
+    the run wrote), else the config's model; with data.tokenizer = synthetic, its vocabulary rounded up as a
+    tokenizer trained here would make it (at most data.vocab_size ids)."""
+    import dataclasses
+
+    from glmv_jax.config import load_config
+    from glmv_jax.train.setup import VOCAB_MULTIPLE
+
+    if workdir is not None:
+        return load_config(str(workdir))
+    model = cfg.base_model()
+    if cfg.data.tokenizer == "synthetic":
+        vocab = -(-cfg.data.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        model = dataclasses.replace(model, text=dataclasses.replace(model.text, vocab_size=vocab))
+    return model
+
+
+def plan_run(cfg, devices: int, hosts: int = 1, model=None) -> Plan:
+    """Compile exactly the train step `glmv train` runs for the training config `cfg` on `devices` devices (of
+    `hosts` processes): its mesh, state layout and optimizer (train/setup.py), its micro-batches
+    (optimizer.accumulate), remat, dtypes, sequence length and fixed visual budgets (data.max_images,
+    data.pixel_rows or data.frame_patches, of the global batch, split over the data x fsdp visual blocks), from
+    abstract shapes; `hosts` only labels the report (the shapes are the same on any number of processes)."""
+    from glmv_jax.model.glmv import check_model
+    from glmv_jax.train import batches, setup
+
+    sizes = cfg.mesh.sizes(devices)
+    mesh = mesh_lib.make_mesh(**sizes, devices=jax.devices()[:int(np.prod(list(sizes.values())))])
+    model, data = model or planned_model(cfg), cfg.data
+    check_model(model, mesh)
+    mesh_lib.check_batch(mesh, data.batch_size, data.seq_len)
+    if not data.max_images or not (data.pixel_rows or data.frame_patches):
+        raise ConfigError("glmv plan --train-config needs fixed visual budgets (data.max_images and data.pixel_rows "
+                          "or data.frame_patches): without them every batch has its own shapes")
+    layout = setup.state_layout(model, cfg, mesh)
+    blocks = mesh_lib.axis_size(mesh, mesh_lib.BATCH)   # one visual block per data x fsdp shard (train/batches)
+    unit = model.vision.spatial_merge_size ** 2
+    block = visual_layout.abstract_shapes(model.vision, batches.block_budgets(data, mesh, model.vision),
+                                          images=1, patches=unit, widest=unit)
+    visual = {k: (blocks, *shape) for k, shape in block.items()}
+    batch = {k: jax.ShapeDtypeStruct((data.batch_size, data.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
+             for k in TOKEN_KEYS}
+    batch["pixel_values"] = jax.ShapeDtypeStruct(visual["pixel_values"], jnp.float32)
+    batch["image_grid_thw"] = jax.ShapeDtypeStruct(visual["image_grid_thw"], jnp.int32)
+    batch_shardings = {k: NamedSharding(mesh, mesh_lib.spec(BATCH_SPECS[k])) for k in batch}
+    for k, x in batch.items():
+        mesh_lib.check_divisible(mesh, x.shape, mesh_lib.spec(BATCH_SPECS[k]), k)
+    step_state = {k: layout.abstract_state[k] for k in ("step", "params", "opt_state")}
+    accumulate = cfg.optimizer.accumulate
+    fn = setup.jit_train_step(cfg, model, layout, mesh, batch_shardings)
+    params_bytes = per_device_bytes(step_state["params"], layout.shardings["params"])
+    opt_bytes = per_device_bytes(step_state["opt_state"], layout.shardings["opt_state"])
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        if accumulate == 1:
+            programs = [(fn.single.lower(step_state, batch).compile(), 0.0)]
+        else:  # the micro-batch program (the optimizer state stays resident beside it) and the update
+            from glmv_jax.train.steps import init_accumulator
+            acc = jax.eval_shape(init_accumulator, step_state["params"])
+            programs = [(fn.micro.lower(acc, step_state["params"], batch).compile(), opt_bytes),
+                        (fn.apply.lower(step_state, acc).compile(), 0.0)]
+    compile_s = time.perf_counter() - start
+    peaks = [_total(compiled.memory_analysis()) + resident for compiled, resident in programs]
+    compiled = programs[int(np.argmax(peaks))][0]
+    temp = float(compiled.memory_analysis().temp_size_in_bytes)
+    cost = programs[0][0].cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    found: dict = {}
+    for program, _ in programs:
+        for op, (c, b) in collectives(program.as_text()).items():
+            found[op] = (found.get(op, (0, 0.0))[0] + c, found.get(op, (0, 0.0))[1] + b)
+    patches = int(np.prod(visual["pixel_values"][:-1]))
+    flops = model_flops(model, data.batch_size * data.seq_len, patches, data.seq_len, data.batch_size) * accumulate
+    setting = (f"remat {cfg.train.remat_policy}, compute {cfg.train.compute_dtype}, params float32; visual per "
+               f"micro-batch: pixel_values {visual['pixel_values']}, image_grid_thw {visual['image_grid_thw']} "
+               f"({hosts} host(s))")
+    if accumulate > 1:
+        setting += "; peak of the micro-batch program (optimizer state resident beside it) and the update program"
+    return Plan(sizes, data.seq_len, data.batch_size, patches // unit, params_bytes, opt_bytes, temp, max(peaks),
+                flops, float(cost.get("flops", 0.0)), found, compile_s, accumulate,
+                per_device_bytes(acc["grads"], layout.param_shardings) if accumulate > 1 else 0.0, setting)
+
+
+def _total(memory) -> float:
+    """Bytes a compiled program needs on a device: arguments + outputs - aliased + temporaries."""
+    return float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                 + memory.temp_size_in_bytes)
+
+
+def per_device_bytes(tree, shardings) -> float:
+    """Bytes one device holds of the abstract `tree` placed as `shardings` say."""
+    return float(sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))

@@ -186,6 +186,58 @@ def state_layout(model: GlmvConfig, cfg: TrainConfig, mesh) -> StateLayout:
                        state_shardings(abstract_state, param_shardings, mesh))
 
 
+class TrainStep(NamedTuple):
+    """The compiled step of a run: `step(state, batches)` -> (state, metrics), `batches` an iterable of
+    `optimizer.accumulate` placed micro-batches, drawn one at a time. With accumulate 1, `single` is the one
+    jitted step; above 1, `init` (zero sums), `micro` (acc, params, batch -> acc, acc donated) and `apply`
+    (state, acc -> state, metrics) are (train/steps.py's gradient accumulation)."""
+
+    accumulate: int
+    single: Any
+    init: Any
+    micro: Any
+    apply: Any
+
+    def __call__(self, state, batches):
+        if self.accumulate == 1:
+            return self.single(state, next(iter(batches)))
+        acc = self.init(state["params"])
+        count = 0
+        for batch in batches:
+            acc = self.micro(acc, state["params"], batch)
+            count += 1
+        if count != self.accumulate:
+            raise ValueError(f"a step takes {self.accumulate} micro-batches, got {count}")
+        return self.apply(state, acc)
+
+
+def jit_train_step(cfg: TrainConfig, model: GlmvConfig, layout: StateLayout, mesh, batch_shardings) -> TrainStep:
+    """The compiled train step `glmv train` runs (and `glmv plan --train-config` compiles), with
+    `optimizer.accumulate` micro-batches per update."""
+    from glmv_jax.train import steps
+
+    step_shardings = {k: layout.shardings[k] for k in ("step", "params", "opt_state")}
+    replicated = NamedSharding(mesh, P())
+    kwargs = dict(context=mesh.shape["context"], remat_policy=cfg.train.remat_policy,
+                  compute_dtype=compute_dtype_of(cfg), scan_layers=cfg.train.scan_layers,
+                  attention_impl=cfg.train.attention_impl)
+    accumulate = cfg.optimizer.accumulate
+    if accumulate == 1:
+        single = jax.jit(functools.partial(steps.train_step, config=model, tx=layout.tx, **kwargs),
+                         in_shardings=(step_shardings, batch_shardings), out_shardings=(step_shardings, replicated),
+                         donate_argnums=0)
+        return TrainStep(1, single, None, None, None)
+    acc_shardings = {"grads": layout.param_shardings, "total": replicated, "count": replicated}
+    init = jax.jit(steps.init_accumulator, in_shardings=(layout.param_shardings,), out_shardings=acc_shardings)
+    micro = jax.jit(functools.partial(steps.accumulate_step, config=model, **kwargs),
+                    in_shardings=(acc_shardings, layout.param_shardings, batch_shardings),
+                    out_shardings=acc_shardings, donate_argnums=0)
+    apply = jax.jit(functools.partial(steps.apply_accumulated, tx=layout.tx),
+                    in_shardings=(step_shardings, acc_shardings), out_shardings=(step_shardings, replicated),
+                    donate_argnums=0)  # the sums have no output to alias; freed after the call
+    return TrainStep(accumulate, None, init, micro, apply)
+
+
 def init_sharded_params(model: GlmvConfig, seed: int, param_shardings):
     """Random params created in place on the mesh (one program, whatever the optimizer)."""
     from glmv_jax.model.glmv import init_params
@@ -218,8 +270,9 @@ def restore_or_init(cfg: TrainConfig, layout: StateLayout, checkpointer: TrainCh
 
 
 def load_init_params(path: str, model: GlmvConfig, layout: StateLayout):
-    """Params to start from: a previous workdir (its latest checkpoint), an orbax folder or an HF folder,
-    placed as `layout.param_shardings` say."""
+    """Params to start from: a previous workdir (its latest checkpoint), an orbax folder or an HF folder, read
+    straight into `layout.param_shardings` (each process reads only the blocks its devices hold; the model
+    is compared with the run's before any weight is read)."""
     from glmv_jax.checkpoint import convert, hf
 
     folder = workdir_path(path)   # a previous workdir may be a URL
@@ -232,15 +285,15 @@ def load_init_params(path: str, model: GlmvConfig, layout: StateLayout):
         raise ConfigError(f"train.init_from: {folder} holds no glmv checkpoints/ (orbax and Hugging Face folders "
                           "are read from local paths)")
     folder = Path(folder)
-    if (folder / convert.PARAMS_DIR).is_dir():
-        saved, params = convert.load_orbax_params(folder)
-    elif (folder / "config.json").is_file():
-        saved, params = hf.load_hf_checkpoint(folder)
-    else:
-        raise FileNotFoundError(f"train.init_from: {folder} is neither a glmv workdir (checkpoints/), an orbax "
-                                "folder (config.json + params/) nor a Hugging Face folder (config.json + safetensors)")
-    _same_model(saved, model, folder)
-    return jax.device_put(params, layout.param_shardings)
+    dtype = jax.tree.leaves(layout.abstract_params)[0].dtype
+    if (folder / convert.PARAMS_DIR).is_dir():  # each process reads only its devices' blocks, in place
+        _same_model(convert.read_orbax_config(folder), model, folder)
+        return convert.load_orbax_params(folder, dtype=dtype, shardings=layout.param_shardings)[1]
+    if (folder / "config.json").is_file():
+        _same_model(hf.read_hf_config(folder), model, folder)
+        return hf.load_hf_checkpoint(folder, dtype=dtype, shardings=layout.param_shardings)[1]
+    raise FileNotFoundError(f"train.init_from: {folder} is neither a glmv workdir (checkpoints/), an orbax "
+                            "folder (config.json + params/) nor a Hugging Face folder (config.json + safetensors)")
 
 
 def _same_model(saved: GlmvConfig, model: GlmvConfig, where: Path) -> None:
@@ -254,5 +307,6 @@ def _same_model(saved: GlmvConfig, model: GlmvConfig, where: Path) -> None:
 
 
 __all__ = ["StateLayout", "check_model_tokenizer", "compute_dtype_of", "image_processor", "init_sharded_params",
+           "TrainStep", "jit_train_step",
            "load_init_params", "model_for_tokenizer", "restore_or_init", "run_mesh", "state_layout",
            "tokenizer_and_model", "use_compile_cache", "workdir_path", "write_run_files"]
