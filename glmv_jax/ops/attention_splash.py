@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from glmv_jax.ops.attention_xla import attention_xla, warn_once
 
@@ -29,7 +30,10 @@ def _kernel(t: int, s: int, heads: int, offset: int | None, interpret: bool):
     one = sa.FullMask((t, s)) if offset is None else sa.CausalMask((t, s), offset=offset)
     sizes = sa.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
                           block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
-    return sa.make_splash_mqa_single_device(sa.MultiHeadMask([one] * heads), block_sizes=sizes, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # its block tables as constants, never tracers of the caller's trace
+        kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([one] * heads), block_sizes=sizes,
+                                                  interpret=interpret)
+    return jax.tree.map(np.asarray, kernel)  # host arrays: bound to no mesh (the cache serves every mesh)
 
 
 def _round_up(n: int, m: int) -> int:
