@@ -11,6 +11,7 @@ Shapes: B batch, T query length, S key length, H query heads, K key/value heads,
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
@@ -30,10 +31,15 @@ def _kernel(t: int, s: int, heads: int, offset: int | None, interpret: bool):
     one = sa.FullMask((t, s)) if offset is None else sa.CausalMask((t, s), offset=offset)
     sizes = sa.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
                           block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
-    with jax.ensure_compile_time_eval():  # its block tables as constants, never tracers of the caller's trace
+
+    def build():  # on a thread of its own: JAX's trace and mesh contexts are per thread, so the kernel's block
+        # tables come out as concrete arrays, never tracers of the caller's trace (a scan, a shard_map)
         kernel = sa.make_splash_mqa_single_device(sa.MultiHeadMask([one] * heads), block_sizes=sizes,
                                                   interpret=interpret)
-    return jax.tree.map(np.asarray, kernel)  # host arrays: bound to no mesh (the cache serves every mesh)
+        return jax.tree.map(np.asarray, kernel)  # host arrays: bound to no mesh (the cache serves every mesh)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(build).result()
 
 
 def _round_up(n: int, m: int) -> int:
