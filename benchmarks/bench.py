@@ -171,6 +171,26 @@ def forward_flops(config, batch: int, seq: int, patches: int) -> float:
     return batch * _per_row_flops(config, seq, patches) / 3
 
 
+def torch_train_step(hf_model, opt, tin: dict):
+    """(model copy in train mode, its torch AdamW, step()) for transformers' side of a train row: forward with
+    labels, backward, grad-norm clip, AdamW step; step() returns the loss."""
+    import torch
+    model = copy.deepcopy(hf_model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    labels = tin["input_ids"].clone()
+
+    def step():
+        loss = model(**tin, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    return model, optimizer, step
+
+
 def malloc_in_use() -> str:
     """The host malloc of this process (both sides of the CPU bench share it): `glmv_jax.hostmem`'s tuning or not."""
     return _malloc({"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
@@ -354,7 +374,6 @@ class Bench:
     def train(self, batch: int) -> dict:
         import jax
         import jax.numpy as jnp
-        import torch
 
         from benchmarks.common import PeakRSS, interleaved_medians
         from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
@@ -379,19 +398,8 @@ class Bench:
         ours_loss = float(ours()["loss"])
         first_call_s = time.perf_counter() - start
 
-        model = copy.deepcopy(self.hf).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
-                                      weight_decay=opt.weight_decay)
         tin = _torch_inputs(inputs, self.torch_dtype)
-        labels = tin["input_ids"].clone()
-
-        def theirs():
-            loss = model(**tin, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach().item()
+        model, optimizer, theirs = torch_train_step(self.hf, opt, tin)
 
         with PeakRSS() as rss:
             their_loss = theirs()

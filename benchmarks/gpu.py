@@ -160,14 +160,12 @@ class GpuBench:
         return self.row("forward", batch, t, forward_flops(self.config, batch, seq, patches), compiled)
 
     def train(self, batch: int) -> dict:
-        import copy
         import functools
 
         import jax
         import jax.numpy as jnp
-        import torch
 
-        from benchmarks.bench import train_flops, train_inputs
+        from benchmarks.bench import torch_train_step, train_flops, train_inputs
         from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
         from glmv_jax.train.steps import init_state, train_step
         inputs, tin = self.prompt(batch)
@@ -183,18 +181,7 @@ class GpuBench:
             holder["state"], metrics = step(holder["state"], jbatch)
             return jax.block_until_ready(metrics)
 
-        model = copy.deepcopy(self.hf).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
-                                      weight_decay=opt.weight_decay)
-        labels = tin["input_ids"].clone()
-
-        def theirs():
-            loss = model(**tin, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        model, optimizer, theirs = torch_train_step(self.hf, opt, tin)  # theirs() syncs: it reads the loss
         t = self.timed(ours, theirs)
         del model, optimizer, holder
         seq, patches = inputs["input_ids"].shape[1], inputs["pixel_values"].shape[0] // batch
