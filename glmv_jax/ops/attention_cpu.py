@@ -205,6 +205,10 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Ar
     if not causal and q_index is None:
         q_index = jnp.zeros((b, t), jnp.int32)
         kv_index = jnp.zeros(kv_segment.shape, jnp.int32)
+    elif q_index is None and k.shape[1] > t:  # queries the last T of S keys (a context shard's chunk): by indices,
+        # `chunk` queries at a time; the prefix blocks' pieces are unrolled and would all be live at once
+        kv_index = jnp.broadcast_to(jnp.arange(k.shape[1]), kv_segment.shape)
+        q_index = kv_index[:, k.shape[1] - t:]
 
     kv_heads = k.shape[2]
     grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)  # query head i uses K/V head i // (H / K)
