@@ -56,11 +56,8 @@ def nominal_peak(device_kind: str) -> float | None:
 
 
 def _their_attention() -> str:
-    try:
-        import flash_attn  # noqa: F401
-        return "flash_attention_2"
-    except ImportError:
-        return "sdpa"
+    import importlib.util
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 class GpuBench:
