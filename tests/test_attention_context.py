@@ -94,6 +94,7 @@ def attention_flops(causal: bool, t: int = 4096, heads: int = 4, head_dim: int =
 
     with jax.set_mesh(mesh_lib.make_mesh(data=2, context=4)):
         compiled = jax.jit(run).lower(q, kv, kv, seg).compile()
+    assert " while(" not in compiled.as_text()  # cost analysis counts a loop's body once: no loop, every FLOP
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cost["flops"] * 8 / causal_flops(t, heads, head_dim, b)
