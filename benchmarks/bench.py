@@ -1,6 +1,6 @@
 """`glmv bench`: glmv-jax against transformers on the same random weights, with the machine's limits.
 
-    glmv bench [--only prefill,train,decode] [--dtypes float32,bfloat16] [--repeats 3] [--new-tokens 128]
+    glmv bench [--only prefill,forward,train,decode] [--dtypes float32,bfloat16] [--repeats 3] [--new-tokens 128]
                [--json runs/bench/bench.json] [--png runs/bench/bench.png]
 
 The `small` config's random weights go into transformers' Glm4vForConditionalGeneration (PyTorch eager,
@@ -12,8 +12,10 @@ theirs, ours, ...), so drift on the machine hits both sides alike.
 Figures, each in float32 and in bfloat16 on both sides (our params loaded as bfloat16; theirs
 `model.to(torch.bfloat16)`; training is then pure bf16 on both sides, AdamW moments included):
   prefill b=1, b=4   ours: the jitted `generate.sampler.prefill` (prompt padded to its length bucket, K/V
-                     cache filled, last-token logits); theirs: `model(**inputs)` under no_grad, which
-                     computes the logits of every token.
+                     cache filled, last-token logits); theirs: `model(**inputs, logits_to_keep=1)` under no_grad,
+                     the last token's logits too (equal work; before, theirs computed all tokens' logits).
+  forward b=1, b=4   both full forwards through the public APIs, every token's logits: `glmv_jax.forward`
+                     (host checks, bucketing, the jitted program) against `model(**inputs)` under no_grad.
   train b=4          ours: jitted `train.steps.train_step` (donated state, AdamW via `make_optimizer`, no
                      remat, decoder layers unrolled as `train.scan_layers: false` runs them; `--scan-layers`
                      times the scanned stack); theirs: forward with labels, backward, grad-norm clip,
@@ -27,6 +29,7 @@ Utilisation: prefill and training FLOPs counted as MaxText does (`train.plan.mod
 causal attention halved, vision tower included; a prefill is a third of a training step's, without the
 lm_head on all but the last token) over the measured matmul peak of the dtype; decode: bytes of the
 decoder + lm_head weights read per step over the measured bandwidth.
+Malloc: each row names the host malloc each side ran with (one process: the same; `glmv_jax.hostmem`).
 Peak memory: ours from XLA's compiled memory analysis (arguments + outputs - aliased + temporaries);
 theirs = parameter bytes + the process's peak RSS growth during the warm-up call (sampled every 2 ms,
 after handing free heap memory back with malloc_trim; a coarse figure, PyTorch has no CPU allocator stats).
@@ -129,6 +132,70 @@ def decode_weight_bytes(params) -> int:
     return int(total)
 
 
+def captured_call(module, name: str, run) -> tuple[tuple, dict]:
+    """The (args, kwargs) with which `run()` calls `module.name` (that call is stopped there)."""
+    captured = {}
+
+    def make(original):
+        def capture(*args, **kwargs):
+            captured.update(args=args, kwargs=kwargs)
+            raise _Captured
+        return capture
+
+    with _patched(module, name, make):
+        try:
+            run()
+        except _Captured:
+            pass
+    return captured["args"], captured["kwargs"]
+
+
+def prefill_args(params, config, inputs: dict, new_tokens: int):
+    """The exact arguments `sample` passes to the jitted prefill (bucketed, left-padded, 3D positions)."""
+    from glmv_jax.generate import sampler
+    return captured_call(sampler, "prefill", lambda: sampler.sample(
+        params, config, inputs["input_ids"], **_sample_kwargs(inputs),
+        sampling=sampler.SamplingConfig(new_tokens, pad_id=0)))
+
+
+def forward_args(params, config, inputs: dict, attention_impl: str | None = None):
+    """The arguments `glmv_jax.forward` passes to its jitted program for a bench prompt (checked, bucketed)."""
+    from glmv_jax.model import glmv
+    return captured_call(glmv, "forward_jit", lambda: glmv.forward(
+        params, config, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        attention_impl=attention_impl, **_sample_kwargs(inputs)))
+
+
+def forward_flops(config, batch: int, seq: int, patches: int) -> float:
+    """A full forward: the forward third of the training count (lm_head on every token)."""
+    return batch * _per_row_flops(config, seq, patches) / 3
+
+
+def torch_train_step(hf_model, opt, tin: dict):
+    """(model copy in train mode, its torch AdamW, step()) for transformers' side of a train row: forward with
+    labels, backward, grad-norm clip, AdamW step; step() returns the loss."""
+    import torch
+    model = copy.deepcopy(hf_model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    labels = tin["input_ids"].clone()
+
+    def step():
+        loss = model(**tin, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    return model, optimizer, step
+
+
+def malloc_in_use() -> str:
+    """The host malloc of this process (both sides of the CPU bench share it): `glmv_jax.hostmem`'s tuning or not."""
+    return _malloc({"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
+
+
 # ------------------------------------------------------------------------------------ limits
 
 def train_inputs(inputs: dict, config) -> dict:
@@ -207,8 +274,10 @@ class Bench:
         return image_prompt(self.config, batch, self.s.image_side, self.s.text_tokens, self.s.seed)
 
     def _row(self, name, section, batch, unit, ours, theirs, **extra) -> dict:
+        malloc = malloc_in_use()  # one process: both sides run with the same malloc
         return {"name": f"{name} {SHORT[self.dtype]}", "section": section, "dtype": self.dtype, "batch": batch,
-                "unit": unit, "ours": ours, "theirs": theirs, "ratio": ours / theirs, **extra}
+                "unit": unit, "ours": ours, "theirs": theirs, "ratio": ours / theirs,
+                "malloc": {"ours": malloc, "theirs": malloc}, **extra}
 
     def _flops_row(self, name, section, batch, t, flops, *, compiled, compile_s, first_call_s, rss, **extra) -> dict:
         """A row timed in seconds and rated in FLOPs against the matmul peak, with compile and memory figures."""
@@ -223,23 +292,7 @@ class Bench:
 
     # ---- prefill
     def prefill_args(self, inputs: dict, new_tokens: int):
-        """The exact arguments `sample` passes to the jitted prefill (bucketed, left-padded, 3D positions)."""
-        from glmv_jax.generate import sampler
-        captured = {}
-
-        def make(original):
-            def capture(*args, **kwargs):
-                captured.update(args=args, kwargs=kwargs)
-                raise _Captured
-            return capture
-
-        with _patched(sampler, "prefill", make):
-            try:
-                sampler.sample(self.params, self.config, inputs["input_ids"], **_sample_kwargs(inputs),
-                               sampling=sampler.SamplingConfig(new_tokens, pad_id=0))
-            except _Captured:
-                pass
-        return captured["args"], captured["kwargs"]
+        return prefill_args(self.params, self.config, inputs, new_tokens)
 
     def prefill(self, batch: int) -> dict:
         import jax
@@ -260,7 +313,7 @@ class Bench:
 
         def theirs():
             with torch.no_grad():
-                return self.hf(**tin)
+                return self.hf(**tin, logits_to_keep=1)
 
         with PeakRSS() as rss:
             theirs()
@@ -270,8 +323,48 @@ class Bench:
         flops = prefill_flops(self.config, batch, seq, self._patches(inputs))
         return self._flops_row(f"prefill b={batch}", "prefill", batch, t, flops, compiled=compiled,
                                compile_s=compile_s, first_call_s=first_call_s, rss=rss,
-                               note=f"{seq} prompt tokens ({padded} after our bucketing); theirs computes all "
-                                    f"{seq} tokens' logits, ours the last two positions' (returning the last)")
+                               note=f"{seq} prompt tokens ({padded} after our bucketing); theirs: model(**inputs, "
+                                    f"logits_to_keep=1), the last token's logits; ours the last two positions' "
+                                    f"(returning the last) and the K/V cache")
+
+    def forward(self, batch: int) -> dict:
+        """Both full forwards through the public API: `glmv_jax.forward` against `model(**inputs)`, every
+        token's logits on both sides."""
+        import jax
+        import torch
+
+        from benchmarks.common import PeakRSS, interleaved_medians
+        from glmv_jax import forward
+        from glmv_jax.model import glmv
+
+        inputs = self.prompt(batch)
+        args, kwargs = forward_args(self.params, self.config, inputs)
+        start = time.perf_counter()
+        compiled = glmv.forward_jit.lower(*args, **kwargs).compile()
+        compile_s = time.perf_counter() - start
+
+        def ours():
+            return jax.block_until_ready(forward(self.params, self.config, inputs["input_ids"],
+                                                 attention_mask=inputs["attention_mask"], **_sample_kwargs(inputs)))
+
+        start = time.perf_counter()
+        ours()
+        first_call_s = time.perf_counter() - start
+        tin = _torch_inputs(inputs, self.torch_dtype)
+
+        def theirs():
+            with torch.no_grad():
+                return self.hf(**tin)
+
+        with PeakRSS() as rss:
+            theirs()
+        t = interleaved_medians({"ours": ours, "theirs": theirs}, self.s.repeats)
+        seq = inputs["input_ids"].shape[1]
+        flops = forward_flops(self.config, batch, seq, self._patches(inputs))
+        return self._flops_row(f"forward b={batch}", "forward", batch, t, flops, compiled=compiled,
+                               compile_s=compile_s, first_call_s=first_call_s, rss=rss,
+                               note=f"{seq} tokens; both sides every token's logits (glmv_jax.forward, with its host "
+                                    f"checks, vs model(**inputs))")
 
     # ---- training
     def train_batch(self, batch: int) -> dict:
@@ -281,7 +374,6 @@ class Bench:
     def train(self, batch: int) -> dict:
         import jax
         import jax.numpy as jnp
-        import torch
 
         from benchmarks.common import PeakRSS, interleaved_medians
         from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
@@ -306,19 +398,8 @@ class Bench:
         ours_loss = float(ours()["loss"])
         first_call_s = time.perf_counter() - start
 
-        model = copy.deepcopy(self.hf).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
-                                      weight_decay=opt.weight_decay)
         tin = _torch_inputs(inputs, self.torch_dtype)
-        labels = tin["input_ids"].clone()
-
-        def theirs():
-            loss = model(**tin, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach().item()
+        model, optimizer, theirs = torch_train_step(self.hf, opt, tin)
 
         with PeakRSS() as rss:
             their_loss = theirs()
@@ -464,6 +545,7 @@ def run(settings: Settings | None = None, *, json_path: str | os.PathLike | None
         hf_model.to(getattr(torch, dtype))
         bench = Bench(s, config, hf_model, params[dtype], dtype, limits)
         jobs = ([(bench.prefill, b) for b in s.prefill_batches] * ("prefill" in s.sections)
+                + [(bench.forward, b) for b in s.prefill_batches] * ("forward" in s.sections)
                 + [(bench.decode, b) for b in s.decode_batches] * ("decode" in s.sections)
                 + [(bench.train, s.train_batch)] * ("train" in s.sections))
         for job, batch in jobs:
@@ -537,8 +619,8 @@ def _line(f: dict) -> str:
 
 def table(result: dict) -> str:
     """The markdown table: per figure ours, theirs, ratio of times, our utilisation, compile, peak memory."""
-    lines = ["| figure | ours | theirs | ours/theirs time | our utilisation | our compile | peak MiB ours / theirs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| figure | ours | theirs | ours/theirs time | our utilisation | our compile | peak MiB ours / theirs "
+             "| malloc ours / theirs |", "|---|---|---|---|---|---|---|---|"]
     for f in result["figures"]:
         ours, theirs = _time(f["ours"], f["unit"]), _time(f["theirs"], f["unit"])
         if f["section"] == "limits":
@@ -553,7 +635,9 @@ def table(result: dict) -> str:
             theirs += f" ({f['tokens_per_s']['theirs']:.0f} tok/s)"
         compile_s = f"{f['compile_s']:.1f} s" if f.get("compile_s") is not None else "—"
         memory = "—" if f["section"] == "limits" else f"{_mb(f['peak_bytes_ours'])} / {_mb(f['peak_bytes_theirs'])}"
-        lines.append(f"| {f['name']} | {ours} | {theirs} | {f['ratio']:.2f} | {util} | {compile_s} | {memory} |")
+        malloc = " / ".join(f["malloc"].values()) if "malloc" in f else "—"
+        lines.append(f"| {f['name']} | {ours} | {theirs} | {f['ratio']:.2f} | {util} | {compile_s} | {memory} "
+                     f"| {malloc} |")
     return "\n".join(lines)
 
 
@@ -607,6 +691,9 @@ def main(argv: list[str] | None = None, *, args: argparse.Namespace | None = Non
     if args is None:
         parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
         args = add_arguments(parser).parse_args(argv)
+    if getattr(args, "backend", "cpu") == "gpu":
+        from benchmarks import gpu
+        return gpu.main(args)
     s = Settings(config=args.config, sections=tuple(x for x in args.only.split(",") if x),
                  dtypes=tuple(x for x in args.dtypes.split(",") if x), repeats=args.repeats,
                  train_repeats=args.train_repeats, prefill_batches=tuple(args.prefill_batch),

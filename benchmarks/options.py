@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 
-SECTIONS = ("prefill", "train", "decode")
+SECTIONS = ("prefill", "forward", "train", "decode")
 DTYPES = ("float32", "bfloat16")
 SHORT = {"float32": "f32", "bfloat16": "bf16"}
 
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--image-side", type=int, default=Settings.image_side)
     parser.add_argument("--text-tokens", type=int, default=Settings.text_tokens)
     parser.add_argument("--threads", type=int, default=Settings.threads, help="torch threads (XLA uses every core)")
+    parser.add_argument("--backend", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: ours vs transformers on CUDA, bf16, a ~1B model (benchmarks/gpu.py)")
+    parser.add_argument("--dry-run", action="store_true", help="with --backend gpu: tiny config and inputs")
     parser.add_argument("--json", default="runs/bench/bench.json")
     parser.add_argument("--png", default="runs/bench/bench.png")
     return parser

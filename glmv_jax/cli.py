@@ -223,7 +223,8 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"compiling the train step for {args.config} on {devices} simulated devices ...", file=sys.stderr)
     result = plan(config, sizes, seq=args.seq, batch_per_replica=args.batch, image_tokens=args.image_tokens,
-                  remat_policy=args.remat)
+                  remat_policy=args.remat, attention_impl=args.attention_impl)
+    print(f"attention impl: {args.attention_impl}")
     print(report(result))
     return 0
 
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per data replica (data x fsdp)")
     p.add_argument("--image-tokens", type=int, default=None, help="visual tokens per sequence (default seq/4)")
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    p.add_argument("--attention-impl", default="cpu", choices=["cpu", "xla", "splash"],
+                   help="the attention compiled into the plan (splash: the Pallas TPU kernel, in interpret mode)")
     p.set_defaults(run=_plan)
     p = sub.add_parser("train", help="train or resume a run: orbax checkpoints and metrics.jsonl in --workdir")
     p.add_argument("--config", required=True, help="training YAML, e.g. configs/tiny_pretrain.yaml")

@@ -1,10 +1,12 @@
 """The attention core against a plain dense-mask softmax differentiated by JAX: outputs and gradients.
 
 `ops.attention` in each implementation: "cpu" runs its own custom VJP (flash-style, query chunks, head-major
-layout), "xla" is `jax.nn.dot_product_attention` with a mask; tests/test_gradients.py holds them to transformers
-inside the whole model. Here: grouped-query heads, segments with padding, causal (by indices, or in column order
-with key blocks skipped) and not, one chunk and several uneven chunks. `cached_attention` (decode) against the
-same reference on cache slots.
+layout), "xla" is `jax.nn.dot_product_attention` with a mask, "splash" the Pallas TPU kernel (here in Pallas
+interpret mode on CPU: the kernel's own forward and backward), "cudnn" cuDNN's flash attention (GPU only: skipped
+elsewhere); tests/test_gradients.py holds them to transformers inside the whole model. Here: grouped-query heads,
+segments with padding, causal (by indices, or in column order with key blocks skipped, queries the last T of
+S >= T keys) and not, one chunk and several uneven chunks. `cached_attention` (decode) against the same reference
+on cache slots. The context-parallel path: tests/test_attention_context.py.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from glmv_jax.ops.attention import CHOICES, attention, default_impl, resolve_imp
 from glmv_jax.train.config import ATTENTION_IMPLS
 
 B, T, S, H, K, D = 2, 13, 13, 6, 2, 5
-IMPLS = ["cpu", "xla"]
+IMPLS = ["cpu", "xla", "splash"]  # float32 on CPU; "cudnn": test_cudnn_* (GPU)
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on GPU only")
 
 
 def reference(q, k, v, allowed):
@@ -84,13 +87,60 @@ def test_column_order_needs_as_many_keys_as_queries(impl):
 
 
 def test_impl_choice():
-    """The default comes from the backend; "auto" means it; an unknown name is a ConfigError naming the choices."""
-    assert default_impl() == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    """The default comes from the backend; "auto" means it; an unknown name is a ConfigError naming the choices;
+    "cudnn" off GPU is a ConfigError."""
+    assert default_impl() == {"cpu": "cpu", "gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
     assert resolve_impl(None) == resolve_impl("auto") == default_impl()
-    assert set(CHOICES) == {"auto", "cpu", "xla"} and CHOICES == ATTENTION_IMPLS  # train.attention_impl's choices
+    assert set(CHOICES) == {"auto", "cpu", "xla", "cudnn", "splash"} and CHOICES == ATTENTION_IMPLS
     (q, k, v), masks, _ = case(False)
-    with pytest.raises(ConfigError, match="unknown attention impl 'flash'; choose one of auto, cpu, xla"):
+    with pytest.raises(ConfigError, match="unknown attention impl 'flash'; choose one of auto, cpu, xla, cudnn, "
+                                          "splash"):
         attention(q, k, v, impl="flash", **masks)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ConfigError, match="attention impl 'cudnn' needs a GPU"):
+            attention(q, k, v, impl="cudnn", **masks)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_causal_queries_as_the_last_of_longer_keys(impl):
+    """`causal=True` with S > T: the T queries are the last T of the S keys (query t sees s <= t + S - T), as a
+    context shard's query chunk runs against its key prefix; packed segments and padding across the boundary."""
+    t, s = 9, 21
+    keys = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(keys[0], (B, t, H, D))
+    k, v = (jax.random.normal(key, (B, s, K, D)) for key in keys[1:3])
+    kv_segment = jnp.array([[1] * 8 + [2] * 10 + [0] * 3, [0] * 2 + [1] * 19])
+    q_segment = kv_segment[:, s - t:]
+    allowed = ((q_segment[:, :, None] == kv_segment[:, None, :]) & (kv_segment[:, None, :] != 0)
+               & (jnp.arange(s)[None, None, :] <= jnp.arange(t)[None, :, None] + s - t))
+    masks = dict(q_segment=q_segment, kv_segment=kv_segment, causal=True, impl=impl)
+    cotangent = jax.random.normal(keys[3], (B, t, H, D))
+    np.testing.assert_allclose(attention(q, k, v, chunk=4, **masks), reference(q, k, v, allowed), atol=1e-5,
+                               rtol=1e-5)
+    ours = jax.grad(lambda *a: jnp.vdot(attention(*a, chunk=4, **masks), cotangent), argnums=(0, 1, 2))(q, k, v)
+    theirs = jax.grad(lambda *a: jnp.vdot(reference(*a, allowed), cotangent), argnums=(0, 1, 2))(q, k, v)
+    for g_ours, g_ref in zip(ours, theirs):
+        np.testing.assert_allclose(g_ours, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@on_gpu
+@pytest.mark.parametrize("causal", ["columns", "indices", False])
+def test_cudnn_bfloat16_against_the_reference(causal):
+    """cuDNN's kernel in bfloat16 (the dtypes it takes) against the float32 reference: bf16 inputs carry ~3
+    significant digits, so 2e-2; its gradients likewise."""
+    args, masks, allowed = case(causal)
+    args = tuple(jnp.tile(x, (1, 1, 1, 16)) for x in args)  # head dim 80: cuDNN takes multiples of 8
+    bf16 = tuple(x.astype(jnp.bfloat16) for x in args)
+    out = attention(*bf16, impl="cudnn", **masks).astype(jnp.float32)
+    np.testing.assert_allclose(out, reference(*(x.astype(jnp.float32) for x in bf16), allowed), atol=2e-2, rtol=2e-2)
+    assert np.all(np.asarray(out)[0, 11:] == 0)
+    cotangent = jax.random.normal(jax.random.key(9), out.shape)
+    ours = jax.grad(lambda *a: jnp.vdot(attention(*a, impl="cudnn", **masks).astype(jnp.float32), cotangent),
+                    argnums=(0, 1, 2))(*bf16)
+    theirs = jax.grad(lambda *a: jnp.vdot(reference(*a, allowed), cotangent), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in bf16))
+    for g_ours, g_ref in zip(ours, theirs):
+        np.testing.assert_allclose(np.asarray(g_ours, np.float32), g_ref, atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

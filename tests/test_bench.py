@@ -23,13 +23,14 @@ def test_every_figure_has_ours_theirs_ratio(result):
     r, _ = result
     sections = [f["section"] for f in r["figures"]]
     assert sections.count("limits") == 2  # f32 matmul, bandwidth
-    assert {"prefill", "train", "decode"} <= set(sections)
+    assert {"prefill", "forward", "train", "decode"} <= set(sections)
     for f in r["figures"]:
         assert f["ours"] > 0 and f["theirs"] > 0, f["name"]
         assert math.isclose(f["ratio"], f["ours"] / f["theirs"]), f["name"]
         if f["section"] != "limits":
             assert 0 < f["utilisation"] < 1.5, (f["name"], f["utilisation"])
             assert f["compile_s"] > 0 and f["peak_bytes_ours"]["total"] > 0 and f["peak_bytes_theirs"] > 0
+            assert f["malloc"]["ours"] == f["malloc"]["theirs"] == bench.malloc_in_use()  # one process
     assert r["limits"]["matmul"]["float32"] > 0 and r["limits"]["bandwidth"] > 0
     assert r["settings"]["hf_attention"]
 
@@ -54,3 +55,17 @@ def test_outputs_written(result):
 def test_cli_wiring():
     args = cli.build_parser().parse_args(["bench", "--only", "prefill", "--repeats", "2", "--dtypes", "float32"])
     assert args.run is cli._bench and args.only == "prefill" and args.repeats == 2
+
+
+def test_gpu_bench_dry_run(tmp_path):
+    """`glmv bench --backend gpu --dry-run`: the GPU bench's code on the tiny config on this machine's device
+    (a check that it runs end to end and writes its JSON, not a measurement)."""
+    from benchmarks import gpu
+    args = cli.build_parser().parse_args(["bench", "--backend", "gpu", "--dry-run", "--json",
+                                          str(tmp_path / "gpu.json")])
+    assert args.backend == "gpu" and args.dry_run
+    assert args.run(args) == 0
+    written = json.loads((tmp_path / "gpu.json").read_text())
+    assert [f["name"] for f in written["figures"]] == ["prefill b=1 bf16", "forward b=1 bf16", "train step b=1 bf16"]
+    assert all(f["ours"] > 0 and f["theirs"] > 0 for f in written["figures"])
+    assert gpu.nominal_peak("NVIDIA H100 80GB HBM3") == 989e12 and gpu.nominal_peak("cpu") is None

@@ -191,12 +191,14 @@ def test_logits_equal_reference(tiny_pair, case):
     assert relative_error(ours, ref) <= MODEL_TOL
 
 
+@pytest.mark.parametrize("impl", ["xla", "splash"])
 @pytest.mark.parametrize("case", ["left_padded_batch_with_text_only_row", "video_with_timestamps"])
-def test_logits_equal_reference_with_xla_attention(tiny_pair, case):
-    """The portable attention (`attention_impl="xla"`: jax.nn.dot_product_attention) in every vision block and
-    decoder layer, whatever the backend: images, a video, padding and a text-only row."""
+def test_logits_equal_reference_with_each_attention_impl(tiny_pair, case, impl):
+    """Each other attention in every vision block and decoder layer, whatever the backend: "xla"
+    (jax.nn.dot_product_attention), "splash" (the Pallas kernel; interpret mode off TPU): images, a video, padding
+    and a text-only row. ("cudnn": tests/test_attention.py on GPU, in the bf16 it takes.)"""
     config, model, params, _ = tiny_pair
-    ours, ref, _ = run_both(config, model, params, cases(config)[case], attention_impl="xla")
+    ours, ref, _ = run_both(config, model, params, cases(config)[case], attention_impl=impl)
     assert relative_error(ours, ref) <= MODEL_TOL
 
 

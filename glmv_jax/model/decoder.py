@@ -18,19 +18,23 @@ from glmv_jax.ops.attention import attention
 from glmv_jax.ops.context import sharded_attention
 from glmv_jax.ops.dense import DEFAULT_INIT, DENSE_OUTPUT, dense
 from glmv_jax.ops.swiglu import swiglu
-from glmv_jax.sharding import constrain, in_mesh
+from glmv_jax.sharding import constrain, in_mesh, mesh_size
 
 
 def attend(q, k, v, *, segment, index, impl: str | None = None):
     """Causal decoder self-attention: sharded over the current mesh if there is one, else local.
 
     index (B, T): each token's place in the causal order, or None for the column order (then the "cpu"
-    attention skips the key blocks past each query block). impl: the attention implementation (`ops.attention`)."""
+    attention skips the key blocks past each query block). Under a mesh the tokens are in the load-balanced
+    order of `token_inputs` when `index` is given (the sharded attention then skips the key blocks each device's
+    queries cannot see; with index None and context > 1, the column order, every key is computed).
+    impl: the attention implementation (`ops.attention`)."""
     if in_mesh():
-        if index is None:
+        if index is None and mesh_size(("context",)) > 1:  # column order split over context: every key computed
             index = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-        return sharded_attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index,
-                                 impl=impl)
+            return sharded_attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index,
+                                     impl=impl)
+        return sharded_attention(q, k, v, q_segment=segment, kv_segment=segment, causal=True, impl=impl)
     return attention(q, k, v, q_segment=segment, kv_segment=segment, q_index=index, kv_index=index, causal=True,
                      impl=impl)
 

@@ -114,7 +114,8 @@ def _chunked_backward(q, k, v, q_segment, kv_segment, q_index, kv_index, out, d_
 
 
 def _prefix_blocks(t: int, chunk: int) -> list[tuple[int, int]]:
-    """Query blocks [start, stop) for causal attention in column order: block [a, z) needs keys [0, z) only.
+    """Query blocks [start, stop) for causal attention in column order: block [a, z) needs keys [0, z) only
+    (queries the last T of S keys: [0, z + S - T)).
 
     One block per `chunk` queries, at least 4 blocks of at least 128 queries (short sequences skip keys
     too), at most 16 (each block is its own piece of program; longer blocks run `chunk` queries at a time).
@@ -127,10 +128,11 @@ def _prefix_blocks(t: int, chunk: int) -> list[tuple[int, int]]:
 def _prefix_forward(q, k, v, q_segment, kv_segment, chunk):
     """`_chunked_forward` for causal attention in column order, each query block against its key prefix."""
     outs, lses = [], []
+    off = k.shape[2] - q.shape[Q_AXIS]  # the queries are the last T of the S keys
     for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
-        columns = jnp.broadcast_to(jnp.arange(z), (q.shape[0], z))
-        out, lse = _chunked_forward(q[:, :, :, a:z], k[:, :, :z], v[:, :, :z], q_segment[:, a:z], kv_segment[:, :z],
-                                    columns[:, a:], columns, chunk)
+        columns = jnp.broadcast_to(jnp.arange(z + off), (q.shape[0], z + off))
+        out, lse = _chunked_forward(q[:, :, :, a:z], k[:, :, :z + off], v[:, :, :z + off], q_segment[:, a:z],
+                                    kv_segment[:, :z + off], columns[:, a + off:], columns, chunk)
         outs.append(out)
         lses.append(lse)
     return jnp.concatenate(outs, axis=Q_AXIS), jnp.concatenate(lses, axis=Q_AXIS)
@@ -139,13 +141,15 @@ def _prefix_forward(q, k, v, q_segment, kv_segment, chunk):
 def _prefix_backward(q, k, v, q_segment, kv_segment, out, d_out, lse, chunk):
     """`_chunked_backward` over the blocks of `_prefix_forward`: dq per block, dk and dv summed over the prefixes."""
     dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    off = k.shape[2] - q.shape[Q_AXIS]
     for a, z in _prefix_blocks(q.shape[Q_AXIS], chunk):
-        columns = jnp.broadcast_to(jnp.arange(z), (q.shape[0], z))
+        e = z + off  # the keys this block sees: [0, e)
+        columns = jnp.broadcast_to(jnp.arange(e), (q.shape[0], e))
         rows = lambda x: x[:, :, :, a:z]  # noqa: E731
-        dq, dk_z, dv_z = _chunked_backward(rows(q), k[:, :, :z], v[:, :, :z], q_segment[:, a:z], kv_segment[:, :z],
-                                           columns[:, a:], columns, rows(out), rows(d_out), rows(lse), chunk)
+        dq, dk_e, dv_e = _chunked_backward(rows(q), k[:, :, :e], v[:, :, :e], q_segment[:, a:z], kv_segment[:, :e],
+                                           columns[:, a + off:], columns, rows(out), rows(d_out), rows(lse), chunk)
         dqs.append(dq)
-        dk, dv = dk.at[:, :, :z].add(dk_z), dv.at[:, :, :z].add(dv_z)
+        dk, dv = dk.at[:, :, :e].add(dk_e), dv.at[:, :, :e].add(dv_e)
     return jnp.concatenate(dqs, axis=Q_AXIS), dk, dv
 
 
@@ -170,7 +174,8 @@ def _segment_attention_bwd(chunk, residuals, d_out):
 def _segment_attention(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk):
     """Head-major: q (B, K, G, T, D), k and v (B, K, S, D) -> (B, K, G, T, D); queries `chunk` at a time.
 
-    q_index = kv_index = None: causal in column order (T == S), key blocks past each query block skipped."""
+    q_index = kv_index = None: causal in column order (the queries the last T of the S keys), key blocks past
+    each query block skipped."""
     return _segment_attention_fwd(q, k, v, q_segment, kv_segment, q_index, kv_index, chunk)[0]
 
 
@@ -182,8 +187,8 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Ar
                   chunk: int | None = None) -> jax.Array:
     """`ops.attention` (same arguments and result, checked there) without an S x T mask in memory.
 
-    Causal in column order (`causal=True` without indices): the keys past each block of queries are not
-    computed at all (`_prefix_blocks`), which skips about 3/8 of the scores' work at T = 512.
+    Causal in column order (`causal=True` without indices; queries the last T of the S keys): the keys past
+    each block of queries are not computed at all (`_prefix_blocks`), which skips about 3/8 of the scores' work at T = 512.
     Queries are processed at most `chunk` at a time (default: 1024, fewer for long keys so that
     chunk x S stays near 4M per head); the backward recomputes each chunk's probabilities from the
     saved log-sum-exp (flash-attention style), so neither pass holds more than chunk x S scores per
@@ -200,6 +205,10 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Ar
     if not causal and q_index is None:
         q_index = jnp.zeros((b, t), jnp.int32)
         kv_index = jnp.zeros(kv_segment.shape, jnp.int32)
+    elif q_index is None and k.shape[1] > t:  # queries the last T of S keys (a context shard's chunk): by indices,
+        # `chunk` queries at a time; the prefix blocks' pieces are unrolled and would all be live at once
+        kv_index = jnp.broadcast_to(jnp.arange(k.shape[1]), kv_segment.shape)
+        q_index = kv_index[:, k.shape[1] - t:]
 
     kv_heads = k.shape[2]
     grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)  # query head i uses K/V head i // (H / K)

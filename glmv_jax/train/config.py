@@ -90,7 +90,8 @@ SOURCES = ("synthetic", "tfds", "jsonl")
 MODES = ("caption", "sft")
 REMAT_POLICIES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "cpu", "xla")  # glmv_jax.ops.attention.CHOICES, named here: a config imports no jax
+# glmv_jax.ops.attention.CHOICES, named here: a config imports no jax
+ATTENTION_IMPLS = ("auto", "cpu", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,7 @@ class TrainSection:
     remat_policy: str = "none"
     scan_layers: bool = True
     compute_dtype: str = "float32"
-    attention_impl: str = "auto"  # "cpu" | "xla"; "auto": from the backend (glmv_jax.ops.attention)
+    attention_impl: str = "auto"  # "cpu" | "xla" | "cudnn" (GPU) | "splash"; "auto": from the backend (glmv_jax.ops.attention)
     log_every: int = 10
     eval_every: int = 0
     init_from: str | None = None

@@ -110,8 +110,10 @@ def collectives(hlo: str) -> dict[str, tuple[int, float]]:
 
 def plan(config: GlmvConfig, sizes: dict[str, int], *, seq: int, batch_per_replica: int = 1,
          image_tokens: int | None = None, remat_policy: str = "full", compute_dtype=jnp.bfloat16,
-         optimizer=None) -> Plan:
-    """Compile the train step for `config` on a mesh of `sizes` from abstract shapes and report it."""
+         optimizer=None, attention_impl: str | None = None) -> Plan:
+    """Compile the train step for `config` on a mesh of `sizes` from abstract shapes and report it.
+    `attention_impl`: see `glmv_jax.ops.attention` (None: the host backend's; "splash" compiles the Pallas kernel
+    in interpret mode, its block-sized buffers, as on TPU)."""
     from glmv_jax.model.glmv import check_model, init_params, param_shardings
     from glmv_jax.train.optimizer import OptimizerConfig, make_optimizer
     from glmv_jax.train.steps import init_state, state_shardings, train_step
@@ -127,7 +129,7 @@ def plan(config: GlmvConfig, sizes: dict[str, int], *, seq: int, batch_per_repli
     shardings = state_shardings(abstract_state, param_shardings(config, mesh), mesh)
     batch, batch_shardings = abstract_batch(config, mesh, seq, global_batch, image_tokens)
     step = functools.partial(train_step, config=config, tx=tx, context=mesh.shape["context"],
-                             remat_policy=remat_policy, compute_dtype=compute_dtype)
+                             remat_policy=remat_policy, compute_dtype=compute_dtype, attention_impl=attention_impl)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = jax.jit(step, in_shardings=(shardings, batch_shardings),
