@@ -5,6 +5,7 @@ as one line and exits with status 2; anything else is a bug of ours and shows it
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -64,6 +65,7 @@ def read_video(path: str, fps: float | None):
 
 
 def _generate(args: argparse.Namespace) -> int:
+    mesh_sizes = _simulate_mesh_devices(args.mesh) if args.mesh else None
     import jax
     import numpy as np
 
@@ -114,14 +116,34 @@ def _generate(args: argparse.Namespace) -> int:
             printed[0] = text
 
     ids = np.array([encoded["input_ids"]])
-    weights = prepare(params, donate=True)  # the decoder layers held once (the stacked originals are freed)
+    mesh = None
+    if mesh_sizes:
+        from glmv_jax.sharding import make_mesh
+
+        mesh = make_mesh(**mesh_sizes, devices=jax.devices()[:math.prod(mesh_sizes.values())])
+    # the decoder layers held once (the stacked originals are freed); on a mesh, split over it
+    weights = prepare(params, donate=True, mesh=mesh, config=config)
     out = sample(weights, config, ids, sampling=sampling, mm_token_type_ids=np.array([encoded["mm_token_type_ids"]]),
-                 seed=args.seed, steps_per_call=args.stream_every, on_tokens=stream, **extra)
+                 seed=args.seed, steps_per_call=args.stream_every, on_tokens=stream, mesh=mesh, **extra)
     final = tokenizer.decode(shown[: _stop_index(shown, sampling.eos_ids)])
     print(final[len(printed[0]):])
     forced = " (thinking budget reached: answer forced)" if bool(out.forced[0]) else ""
     print(f"[{int(out.lengths[0])} tokens{forced}]", file=sys.stderr)
     return 0
+
+
+def _simulate_mesh_devices(text: str) -> dict[str, int]:
+    """The mesh sizes of `--mesh`; on a CPU-only host, as many simulated devices (XLA_FLAGS, read when jax starts
+    its backend). A host with accelerators uses its own devices."""
+    import os
+
+    from glmv_jax.sharding import parse_mesh
+
+    sizes = parse_mesh(text)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={math.prod(sizes.values())}".strip()
+    return sizes
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -227,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-every", type=int, default=8, help="tokens per device call between prints")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on accelerators, float32 on CPU")
+    p.add_argument("--mesh", default=None, help="decode on a mesh, e.g. data=2,fsdp=2,tensor=2 (no context); "
+                                                "simulated CPU devices on a host without accelerators")
     p.set_defaults(run=_generate)
     p = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices; print memory, "
                                     "FLOPs, collectives and step times")
