@@ -17,6 +17,7 @@ from glmv_jax.train.metrics import read_jsonl
 from test_rl_loop import rl_config, sft_folder  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
+SCORE_BATCH = rlcs.rewards.score_batch   # the real scores, captured before any test wraps them
 
 
 def run(cfg, workdir, monkeypatch) -> tuple[list, list[dict]]:
@@ -26,10 +27,10 @@ def run(cfg, workdir, monkeypatch) -> tuple[list, list[dict]]:
     the real scores plus a stand-in that reads the sampled text (the parity of its characters' sum), so groups
     have a spread and the updates move the policy."""
     seen = []
-    advantages, score_batch = rlcs.group_advantages, rlcs.rewards.score_batch
+    advantages = rlcs.group_advantages
 
     def text_reward(examples, texts):
-        scores = score_batch(examples, texts)
+        scores = SCORE_BATCH(examples, texts)
         return [{**s, "reward": s["reward"] + sum(map(ord, t)) % 2} for s, t in zip(scores, texts)]
 
     def spy(rewards_, *args):
@@ -44,7 +45,7 @@ def run(cfg, workdir, monkeypatch) -> tuple[list, list[dict]]:
 
 
 def test_rl_on_8_devices_equals_one_device(sft_folder, tmp_path, monkeypatch):  # noqa: F811
-    cfg = rl_config(sft_folder, iterations=2, groups=2, group_size=4, max_new_tokens=10, eval_every=2, eval_prompts=4)
+    cfg = rl_config(sft_folder, iterations=2, groups=2, group_size=4, max_new_tokens=10, eval_every=2, eval_prompts=2)
     one, one_metrics = run(cfg, tmp_path / "one", monkeypatch)
     many, many_metrics = run(dataclasses.replace(cfg, mesh=MeshConfig(fsdp=4, tensor=2)), tmp_path / "eight",
                              monkeypatch)
