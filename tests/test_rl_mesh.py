@@ -17,7 +17,8 @@ from glmv_jax.train.metrics import read_jsonl
 from test_rl_loop import rl_config, sft_folder  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
-SCORE_BATCH = rlcs.rewards.score_batch   # the real scores, captured before any test wraps them
+SCORE_BATCH = rlcs.rewards.score_batch   # the real functions, captured before any test wraps them
+GROUP_ADVANTAGES = rlcs.group_advantages
 
 
 def run(cfg, workdir, monkeypatch) -> tuple[list, list[dict]]:
@@ -27,14 +28,13 @@ def run(cfg, workdir, monkeypatch) -> tuple[list, list[dict]]:
     the real scores plus a stand-in that reads the sampled text (the parity of its characters' sum), so groups
     have a spread and the updates move the policy."""
     seen = []
-    advantages = rlcs.group_advantages
 
     def text_reward(examples, texts):
         scores = SCORE_BATCH(examples, texts)
         return [{**s, "reward": s["reward"] + sum(map(ord, t)) % 2} for s, t in zip(scores, texts)]
 
     def spy(rewards_, *args):
-        out = advantages(rewards_, *args)
+        out = GROUP_ADVANTAGES(rewards_, *args)
         seen.append((np.array(rewards_), np.array(out)))
         return out
 
