@@ -140,10 +140,18 @@ def _media_parts(messages: Sequence[dict]) -> list[str]:
 
 
 def items_from_examples(examples: Sequence[dict]) -> list[Item]:
-    """Synthetic-style examples (``glmv_jax.data.synthetic``: ``image``, ``question``, ``domain``,
-    ``ground_truth``, ``answer``) as items; the box content ``answer`` is the reference reply."""
-    return [Item(str(ex.get("id", i)), ex["domain"], ex["ground_truth"], ex["question"], images=(ex["image"],),
-                 reply=ex.get("answer")) for i, ex in enumerate(examples)]
+    """Example dicts as items: synthetic ones (``glmv_jax.data.synthetic``: ``image``, ``question``, ``domain``,
+    ``ground_truth``, ``answer`` = the box content, the reference reply) or RL JSONL prompts
+    (``glmv_jax.rl.prompts``: ``images``, ``messages``, ``domain``, ``ground_truth``)."""
+    items = []
+    for i, ex in enumerate(examples):
+        images = tuple(ex["images"]) if "images" in ex else ((ex["image"],) if ex.get("image") is not None else ())
+        messages = ex.get("messages")
+        reply = ex.get("answer")
+        items.append(Item(str(ex.get("id", i)), ex["domain"], ex["ground_truth"], ex.get("question") or None,
+                          conversation=tuple(messages) if messages else None, images=images,
+                          reply=reply if isinstance(reply, str) else None))
+    return items
 
 
 # --------------------------------------------------------------------------------------------- encoding

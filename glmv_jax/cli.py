@@ -5,6 +5,7 @@ as one line and exits with status 2; anything else is a bug of ours and shows it
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -22,15 +23,23 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(path: str, dtype: str):
-    """(config, params) from an HF folder (safetensors) or an orbax folder written by `glmv convert`."""
+def load_model(path: str, dtype: str, mesh=None):
+    """(config, params) from an HF folder (safetensors) or an orbax folder written by `glmv convert`; with a
+    `mesh`, read straight into the model's shardings on it (each device reads only its block)."""
     from pathlib import Path
 
     from glmv_jax.checkpoint import convert, hf
 
     if (Path(path) / convert.PARAMS_DIR).is_dir():
-        return convert.load_orbax_params(path, dtype=dtype)
-    return hf.load_hf_checkpoint(path, dtype=dtype)
+        shardings = None
+        if mesh is not None:
+            from glmv_jax.model.glmv import check_model, param_shardings
+
+            config = convert.read_orbax_config(path)
+            check_model(config, mesh)
+            shardings = param_shardings(config, mesh)
+        return convert.load_orbax_params(path, dtype=dtype, shardings=shardings)
+    return hf.load_hf_checkpoint(path, dtype=dtype, mesh=mesh)
 
 
 def read_video(path: str, fps: float | None):
@@ -63,20 +72,36 @@ def read_video(path: str, fps: float | None):
     return np.stack(frames), fps or 1000.0 / duration_ms
 
 
-def _model_and_tokenizer(args: argparse.Namespace):
+def _model_and_tokenizer(args: argparse.Namespace, mesh=None):
     """(config, params, tokenizer) of `--model` (and `--tokenizer`), in `--dtype` (default: float32 on CPU,
-    bfloat16 on accelerators); the tokenizer's special ids checked against the config's."""
+    bfloat16 on accelerators), on `mesh` if given; the tokenizer's special ids checked against the config's."""
     import jax
 
     from glmv_jax.data.tokenizer import Tokenizer, check_ids
 
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    config, params = load_model(args.model, dtype)
+    config, params = load_model(args.model, dtype, mesh)
     tokenizer = Tokenizer.from_file(args.tokenizer or args.model)
     check_ids(tokenizer, {name: getattr(config, name) for name in (
         "image_token_id", "image_start_token_id", "image_end_token_id", "video_start_token_id",
         "video_end_token_id")})
     return config, params, tokenizer
+
+
+def _mesh_of(args: argparse.Namespace):
+    """The mesh of `--mesh` (e.g. data=2,fsdp=2,tensor=2) for generation, or None: on a CPU-only host its devices are
+    simulated (call before jax starts its backend); a host with accelerators uses its own."""
+    if not args.mesh:
+        return None
+    from glmv_jax.sharding import parse_mesh
+
+    sizes = parse_mesh(args.mesh)
+    _simulate_devices(math.prod(sizes.values()), cpu_only=False)
+    import jax
+
+    from glmv_jax.sharding import make_mesh
+
+    return make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -88,7 +113,8 @@ def _generate(args: argparse.Namespace) -> int:
     from glmv_jax.generate.sampler import SamplingConfig, sample
     from glmv_jax.generate.weights import prepare
 
-    config, params, tokenizer = _model_and_tokenizer(args)
+    mesh = _mesh_of(args)
+    config, params, tokenizer = _model_and_tokenizer(args, mesh)
     content, extra = [], {}
     if args.image:
         images = ImageProcessor()(args.image)
@@ -123,9 +149,10 @@ def _generate(args: argparse.Namespace) -> int:
             printed[0] = text
 
     ids = np.array([encoded["input_ids"]])
-    weights = prepare(params, donate=True)  # the decoder layers held once (the stacked originals are freed)
+    # the decoder layers held once (the stacked originals are freed); on a mesh, split over it
+    weights = prepare(params, donate=True, mesh=mesh, config=config)
     out = sample(weights, config, ids, sampling=sampling, mm_token_type_ids=np.array([encoded["mm_token_type_ids"]]),
-                 seed=args.seed, steps_per_call=args.stream_every, on_tokens=stream, **extra)
+                 seed=args.seed, steps_per_call=args.stream_every, on_tokens=stream, mesh=mesh, **extra)
     final = tokenizer.decode(shown[: _stop_index(shown, sampling.eos_ids)])
     print(final[len(printed[0]):])
     forced = " (thinking budget reached: answer forced)" if bool(out.forced[0]) else ""
@@ -140,12 +167,13 @@ def _eval(args: argparse.Namespace) -> int:
     from glmv_jax import benchmark, evaluate
 
     items = benchmark.load_benchmark(args.data)   # every line checked before the model loads
+    mesh = _mesh_of(args)
     settings = evaluate.EvalSettings(args.max_new_tokens, args.thinking_budget, args.samples, args.temperature,
                                      args.top_p, args.batch, args.seed)
-    config, params, tokenizer = _model_and_tokenizer(args)
+    config, params, tokenizer = _model_and_tokenizer(args, mesh)
     prompts = benchmark.encode_prompts(items, tokenizer, config)
     print(f"glmv eval: {len(items)} prompts x (greedy + {args.samples} samples) ...", file=sys.stderr)
-    table, answers = evaluate.run(params, config, tokenizer, prompts, settings)
+    table, answers = evaluate.run(params, config, tokenizer, prompts, settings, mesh=mesh)
     out = Path(args.out or Path(args.data).with_suffix(".answers.jsonl"))
     evaluate.write_answers(out, answers)
     print(evaluate.format_table(table))
@@ -159,13 +187,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate_devices(devices: int) -> None:
-    """Simulate `devices` devices on the host CPU; read when jax first starts its backend (not at import)."""
+def _simulate_devices(devices: int, *, cpu_only: bool = True) -> None:
+    """Simulate `devices` devices on the host CPU (XLA_FLAGS, read when jax first starts its backend, not at
+    import); `cpu_only`: and run on them even where accelerators are (glmv plan)."""
     import os
 
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if cpu_only:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def _plan_train_config(args: argparse.Namespace) -> int:
@@ -318,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-every", type=int, default=8, help="tokens per device call between prints")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on accelerators, float32 on CPU")
+    p.add_argument("--mesh", default=None, help="decode on a mesh, e.g. data=2,fsdp=2,tensor=2 (no context); "
+                                                "simulated CPU devices on a host without accelerators")
     p.set_defaults(run=_generate)
     p = sub.add_parser("eval", help="answer a JSONL benchmark (greedy and sampled), graded by the registered "
                                     "verifiers: a per-domain table and a JSONL of every answer")
@@ -339,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference-answer NLL with each line's images replaced by another line's of its domain")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on accelerators, float32 on CPU")
+    p.add_argument("--mesh", default=None, help="generate on a mesh, e.g. data=2,fsdp=2,tensor=2 (no context); "
+                                                "simulated CPU devices on a host without accelerators")
     p.set_defaults(run=_eval)
     p = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices; print memory, "
                                     "FLOPs, collectives and step times")

@@ -13,7 +13,7 @@ processor=None) -> [Prompt]``.
 ``EvalSettings(max_new_tokens=512, thinking_budget=None, samples=0, temperature=1.0, top_p=1.0, batch=8,
 seed=0)``: one greedy answer per prompt, plus ``samples`` (K) sampled ones at ``temperature``/``top_p``.
 
-``run(params, config, tokenizer, prompts, settings) -> (table, answers)``
+``run(params, config, tokenizer, prompts, settings, mesh=None) -> (table, answers)``
     ``table``: ``{"overall": row, "<domain>": row, ...}``, row = ``{"n", "greedy_acc", "greedy_se",
     "sampled_acc", "sampled_se", "pass_at_k", "k", "format_ok", "mean_length", "forced"}`` (the sampled
     entries None without samples; a standard error None for fewer than two prompts). ``answers``: one dict per answer, ``{"prompt_id", "domain", "sample"``
@@ -100,13 +100,15 @@ class EvalSettings:
 
 # ------------------------------------------------------------------------------------------- answers
 def run(params, config: GlmvConfig, tokenizer, prompts: Sequence[Prompt],
-        settings: EvalSettings = EvalSettings()) -> tuple[dict, list[dict]]:
-    """Greedy (and sampled) answers to ``prompts``, graded: (table, answers) as the module doc says."""
-    weights = prepare(params)
-    answers = _answers(weights, config, tokenizer, prompts, list(range(len(prompts))), settings, greedy=True)
+        settings: EvalSettings = EvalSettings(), mesh=None) -> tuple[dict, list[dict]]:
+    """Greedy (and sampled) answers to ``prompts``, graded: (table, answers) as the module doc says. ``mesh``:
+    generate on it (``generate.sampler.sample(mesh=...)``: rows over data x fsdp, heads over tensor)."""
+    weights = prepare(params, mesh=mesh, config=config)
+    answers = _answers(weights, config, tokenizer, prompts, list(range(len(prompts))), settings, greedy=True,
+                       mesh=mesh)
     if settings.samples:
         rows = [r for r in range(len(prompts)) for _ in range(settings.samples)]
-        sampled = _answers(weights, config, tokenizer, prompts, rows, settings, greedy=False)
+        sampled = _answers(weights, config, tokenizer, prompts, rows, settings, greedy=False, mesh=mesh)
         for k, answer in enumerate(sampled):
             answer["sample"] = k % settings.samples
         answers += sampled
@@ -119,7 +121,8 @@ def evaluate(params, config: GlmvConfig, tokenizer, items: Sequence[Item], setti
     return run(params, config, tokenizer, encode_prompts(items, tokenizer, config, processor), settings)[0]
 
 
-def _answers(weights, config, tokenizer, prompts, rows: list[int], settings: EvalSettings, *, greedy: bool):
+def _answers(weights, config, tokenizer, prompts, rows: list[int], settings: EvalSettings, *, greedy: bool,
+             mesh=None):
     sampling = settings.sampling(tokenizer, greedy=greedy)
     out = []
     for start in range(0, len(rows), settings.batch):
@@ -129,7 +132,7 @@ def _answers(weights, config, tokenizer, prompts, rows: list[int], settings: Eva
         inputs = _left_padded(part, sampling.pad_id)
         result = sample(weights, config, inputs["input_ids"], attention_mask=inputs["attention_mask"],
                         mm_token_type_ids=inputs["token_types"], sampling=sampling, seed=settings.seed + start,
-                        **batch_media(part))
+                        mesh=mesh, **batch_media(part))
         tokens, lengths, forced = (np.asarray(x)[:n] for x in (result.tokens, result.lengths, result.forced))
         texts = rlcs.responses(tokens, lengths, tokenizer)
         scores = rewards.score_batch([{"domain": p.item.domain, "ground_truth": p.item.answer, "id": p.item.id}

@@ -42,14 +42,16 @@ def run_cli(*args):
                           timeout=300)
 
 
-def test_generate_with_an_image_matches_the_api(model_dir, tmp_path):
+@pytest.mark.parametrize("mesh", [(), ("--mesh", "data=2,tensor=2")], ids=["one_device", "mesh"])
+def test_generate_with_an_image_matches_the_api(model_dir, tmp_path, mesh):
+    """The CLI's greedy answer equals the API's on one device, and on a data x tensor mesh (--mesh)."""
     folder, config, tokenizer = model_dir
     image = tmp_path / "shapes.png"
     pixels = np.zeros((70, 98, 3), np.uint8)
     pixels[10:40, 20:60] = (255, 0, 0)
     Image.fromarray(pixels).save(image)
     result = run_cli("--model", str(folder), "--image", str(image), "--prompt", "how many red squares",
-                     "--max-new-tokens", "12", "--stream-every", "5")
+                     "--max-new-tokens", "12", "--stream-every", "5", *mesh)
     assert result.returncode == 0, result.stderr
 
     from glmv_jax.checkpoint.hf import load_hf_checkpoint

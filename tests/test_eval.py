@@ -71,6 +71,20 @@ def test_eval_cli_table_answers_and_greedy_equal_to_generate(model_dir, bench, c
         assert ("answer forced" in printed.err) == greedy[line["id"]]["forced"]
 
 
+def test_eval_on_a_mesh_gives_the_single_device_answers(model_dir, bench, capsys):  # noqa: F811
+    folder, _, tokenizer = model_dir
+    out = bench / "mesh_answers.jsonl"
+    code = cli.main(["eval", "--model", str(folder), "--data", str(bench / "bench.jsonl"), "--batch", "4",
+                     "--mesh", "data=2,tensor=2", "--out", str(out), *FLAGS])
+    assert code == 0, capsys.readouterr().err
+    on_mesh = {a["prompt_id"]: a["tokens"] for a in map(json.loads, out.read_text().splitlines())}
+    config, params = cli.load_model(str(folder), "float32")
+    prompts = benchmark.encode_prompts(benchmark.load_benchmark(bench / "bench.jsonl"), tokenizer, config)
+    _, answers = evaluate.run(params, config, tokenizer, prompts,
+                              evaluate.EvalSettings(max_new_tokens=10, thinking_budget=4, batch=4))
+    assert on_mesh == {a["prompt_id"]: a["tokens"] for a in answers}
+
+
 @pytest.mark.parametrize("line, message", [
     (dict(domain="chemistry", answer="H2O", question="what"), "unknown domain 'chemistry'"),
     (dict(domain="math", question="what"), "no answer"),

@@ -15,16 +15,20 @@ from glmv_jax.generate.weights import without_layers
 from glmv_jax.model import rope
 from glmv_jax.model.decoder import Decoder, DecoderLayer, run_layers
 from glmv_jax.ops.dense import dense
+from glmv_jax.sharding import constrain
 
 
 class InferenceLayer(DecoderLayer):
-    """`DecoderLayer` with one "qkv" projection (`weights.fuse_qkv`): one matmul a step instead of three.
+    """`DecoderLayer` with one "qkv" projection (`weights.fuse_qkv`): one matmul a step instead of three
+    (`fused`; on a mesh that splits heads over `tensor`, q, k and v stay separate, as in `DecoderLayer`).
 
     Without `kv`: self-attention over the prompt, as `DecoderLayer`; returns (x, (k, v)) with k, v (B, T, K, D).
     With `kv` = this layer's caches (keys (B*K, D, S), values (B*K, S, D): `kv_cache.cache_layout`) and one new
     token (T = 1): writes its key and value at slot `kv_meta["write_pos"]`, attends to the valid slots
     (`kv_meta["segment"]` (B, S) != 0, the new one included) and returns (x, the written caches).
     """
+
+    fused: bool = True
 
     def setup(self):
         super().setup()
@@ -33,6 +37,8 @@ class InferenceLayer(DecoderLayer):
                          use_bias=True, param_dtype=self.param_dtype)
 
     def project(self, y):
+        if not self.fused:
+            return super().project(y)
         h, kv_h = self.config.num_heads, self.config.num_kv_heads
         return jnp.split(self.qkv(y), (h, h + kv_h), axis=-2)
 
@@ -47,8 +53,9 @@ class InferenceLayer(DecoderLayer):
         return self.block(x, cos, sin, attend_cache)
 
 
-def _layer(decoder: Decoder) -> InferenceLayer:
-    return InferenceLayer(decoder.config, decoder.param_dtype, decoder.attention_impl, parent=None)
+def _layer(decoder: Decoder, weights: dict) -> InferenceLayer:
+    fused = "qkv" in weights["layers"][0]
+    return InferenceLayer(decoder.config, decoder.param_dtype, decoder.attention_impl, fused=fused, parent=None)
 
 
 def prefill_hidden(decoder: Decoder, weights: dict, x: jax.Array, position_ids: jax.Array, segment: jax.Array,
@@ -56,7 +63,7 @@ def prefill_hidden(decoder: Decoder, weights: dict, x: jax.Array, position_ids: 
     """`Decoder.hidden` over the inference weights (`weights` = the decoder's part of `weights.prepare`), layers
     unrolled. Returns the final-norm hidden (B, T, hidden) and one (k, v) pair (B, T, K, D) per layer."""
     cos, sin = rope.text_cos_sin(position_ids, decoder.config, x.dtype)
-    x, kv = run_layers(_layer(decoder), weights["layers"], x, (cos, sin, segment, index))
+    x, kv = run_layers(_layer(decoder, weights), weights["layers"], x, (cos, sin, segment, index))
     return decoder.apply({"params": without_layers(weights)}, x, method=lambda m, h: m.norm(h)), kv
 
 
@@ -73,6 +80,7 @@ def decode_step(decoder: Decoder, weights: dict, token: jax.Array, position_ids:
     top = {"params": without_layers(weights)}
     x = decoder.apply(top, token[:, None], method=Decoder.embed_tokens)
     cos, sin = rope.text_cos_sin(position_ids, decoder.config, x.dtype)
-    x, written = run_layers(_layer(decoder), weights["layers"], x,
+    x, written = run_layers(_layer(decoder, weights), weights["layers"], x,
                             (cos, sin, jnp.ones((b, 1), jnp.int32), jnp.full((b, 1), at), kv_meta), caches=kv)
-    return decoder.apply(top, x[:, 0], method=Decoder.head), written
+    # logits split over the vocabulary as the lm head is (not the head gathered whole): the caller gathers them
+    return constrain(decoder.apply(top, x[:, 0], method=Decoder.head), ("batch", "act_vocab")), written

@@ -9,6 +9,7 @@ a decode step runs the layers unrolled over them and per-layer caches (`generate
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, NamedTuple
@@ -16,19 +17,21 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.config import GlmvConfig
 from glmv_jax.data.visual_layout import pad_visual
-from glmv_jax.errors import ConfigError
+from glmv_jax.errors import ConfigError, MeshError
 from glmv_jax.generate.decode import decode_step, prefill_hidden
-from glmv_jax.generate.kv_cache import cache_layout
+from glmv_jax.generate.kv_cache import CACHE_AXES, cache_layout, constrain_cache
 from glmv_jax.generate.weights import prepare, without_layers
 from glmv_jax.model import inputs as model_inputs
 from glmv_jax.model import rope
 from glmv_jax.model.decoder import Decoder
-from glmv_jax.model.glmv import Glmv, params_dtype
+from glmv_jax.model.glmv import Glmv, check_model, params_dtype
 from glmv_jax.ops.logprobs import token_log_probs
 from glmv_jax.shapes import bucket, round_up
+from glmv_jax.sharding import BATCH, axis_size, constrain, spec
 
 NOT_FORCING, FORCE_DONE = -1, -2
 
@@ -105,12 +108,12 @@ def _text_model(config: GlmvConfig, dtype) -> Decoder:
     return Decoder(config.text, config.tie_word_embeddings, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_size"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_size", "split"))
 def prefill(weights, config: GlmvConfig, input_ids, attention_mask, token_types, position_ids, pixel_values,
-            image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int):
+            image_grid_thw, pixel_values_videos, video_grid_thw, *, cache_size: int, split: bool = False):
     """Run the prompt (B, T) on inference weights (`weights.prepare`). Returns the last position's logits (B, V)
     float32 and, per layer, (k, v) caches of cache_size slots in `kv_cache.cache_layout` (what
-    `decode.decode_step` reads and writes)."""
+    `decode.decode_step` reads and writes; `split`: the mesh layout, split by row and KV head)."""
     dtype = params_dtype(weights)
     top = without_layers(weights["decoder"])
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
@@ -126,16 +129,19 @@ def prefill(weights, config: GlmvConfig, input_ids, attention_mask, token_types,
     # (hidden, vocab) lm_head to f32 first (24 ms for `small`, against 1.6 ms for two rows).
     logits = text.apply({"params": top}, h[:, -2:], method=Decoder.logits)[:, -1]
     pad = [(0, 0), (0, cache_size - input_ids.shape[1]), (0, 0), (0, 0)]
-    return logits.astype(jnp.float32), tuple(cache_layout(jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in kv)
+    logits = constrain(logits.astype(jnp.float32), ("batch", None))
+    return logits, tuple(cache_layout(jnp.pad(k, pad), jnp.pad(v, pad), split=split) for k, v in kv)
 
 
 def _feed(weights, config: GlmvConfig, token, state):
-    """One decoder step for `token` (B,) at the cache slot `write_pos`: logits (B, V) float32, new caches."""
+    """One decoder step for `token` (B,) at the cache slot `write_pos`: logits (B, V) float32, new caches. On a
+    mesh the logits are gathered whole over the vocabulary (split over `tensor` by the lm head): the token choice
+    and its log-prob then run on each device's rows without further collectives."""
     meta = {"write_pos": state["write_pos"], "segment": state["cache_segment"]}
     positions = jnp.broadcast_to(state["next_pos"][None, :, None], (3, token.shape[0], 1))
     logits, kv = decode_step(_text_model(config, params_dtype(weights)), weights["decoder"], token, positions,
                              state["kv"], meta)
-    return logits.astype(jnp.float32), kv
+    return constrain(logits.astype(jnp.float32), ("batch", None)), kv
 
 
 def _apply_budget(token, state, s: SamplingConfig):
@@ -184,27 +190,51 @@ def decode(weights, config: GlmvConfig, state: dict, *, sampling: SamplingConfig
 
 # ---------------------------------------------------------------------------------- driver
 
-def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, attention_mask=None,
-           pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-           mm_token_type_ids=None, seed: int = 0, steps_per_call: int | None = None,
-           on_tokens: Callable[[np.ndarray], None] | None = None, mesh=None) -> SampleOutput:
-    """Generate up to `sampling.max_new_tokens` tokens after each prompt row (left padding, like transformers).
+def check_mesh(config: GlmvConfig, mesh) -> None:
+    """A mesh the sampler runs on: the model's sizes divide it and it has no `context` split (a decode step is one
+    token per row; split rows over `data`/`fsdp`, heads over `tensor`)."""
+    if mesh.shape["context"] > 1:
+        raise MeshError(f"generate on a mesh with context = {mesh.shape['context']}: decoding splits rows over "
+                        "data/fsdp and heads over tensor only; set context to 1")
+    check_model(config, mesh)
 
-    `params`: the model's parameters, or inference weights from `generate.weights.prepare` (prepare once to
-    reuse them across calls; `prepare(params, donate=True)` keeps one copy of the decoder weights). Model
-    parameters are prepared here, for this call: their decoder layers are then held twice until it returns.
-    `on_tokens`, if given, is called with the (B, n) tokens produced by each call of the decode
-    program (every `steps_per_call` steps), for streaming.
-    """
-    if mesh is not None:
-        raise NotImplementedError("generate(mesh=...) comes with the parallelism work; use mesh=None")
-    ids, mask, image_grid, video_grid = model_inputs.check_inputs(
-        config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids)
-    if not mask[:, -1].all():
-        raise model_inputs.InputError("prompts must be left-padded: the last column of attention_mask must be all 1")
-    types = (rope.token_types(config, jnp.asarray(ids)) if mm_token_type_ids is None
-             else jnp.asarray(mm_token_type_ids, jnp.int32))
+
+def _batch_sharding(mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, P(*[BATCH if d == axis else None for d in range(ndim)]))
+
+
+def _place_state(state: dict, mesh) -> dict:
+    """The decode state on the mesh: per-row arrays split by row over the data axes, caches also by KV head over
+    `tensor` (`kv_cache.CACHE_AXES`), scalars and the key replicated."""
+    def one(path, x):
+        name = str(getattr(path[0], "key", ""))
+        if name == "kv":
+            return NamedSharding(mesh, spec(CACHE_AXES))
+        if name == "rng" or np.ndim(x) == 0:
+            return NamedSharding(mesh, P())
+        return _batch_sharding(mesh, np.ndim(x))
+    return jax.device_put(state, jax.tree_util.tree_map_with_path(one, state))
+
+
+@jax.jit
+def _expand(logits, kv, index):
+    """Each prompt's last logits and caches repeated to its rows (`index` (rows,): the prompt of each decode row):
+    the prefix sharing of `sample(group_size=G)`, on device."""
+    prompts = logits.shape[0]
+
+    def take(cache):   # merged caches (P*K, ...) are gathered per prompt: (P, K, ...) -> (rows, K, ...)
+        if cache.ndim == 4:
+            return jnp.take(cache, index, axis=0)
+        per_prompt = cache.reshape(prompts, -1, *cache.shape[1:])
+        return jnp.take(per_prompt, index, axis=0).reshape(-1, *cache.shape[1:])
+
+    kv = tuple(constrain_cache((take(k), take(v))) if k.ndim == 4 else (take(k), take(v)) for k, v in kv)
+    return constrain(jnp.take(logits, index, axis=0), ("batch", None)), kv
+
+
+def _prompt_rows(config: GlmvConfig, sampling: SamplingConfig, ids, mask, types, extra: int):
+    """Left-pad the (checked) prompts to their length bucket and add `extra` dummy rows (one real pad token, text
+    only) so the rows divide the mesh's data axes. Returns (ids, mask, types, length, cache_size)."""
     b, t = ids.shape
     length = bucket(t, minimum=32)
     cache_size = round_up(length + sampling.max_new_tokens, 128)
@@ -212,35 +242,96 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
         raise model_inputs.InputError(
             f"prompt ({t} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the model's "
             f"max_position_embeddings {config.text.max_position_embeddings}")
-    left = lambda x, v=0: jnp.pad(jnp.asarray(x), [(0, 0)] * (x.ndim - 1) + [(length - t, 0)], constant_values=v)  # noqa: E731
+    left = lambda x, v=0: np.pad(np.asarray(x), [(0, extra), (length - t, 0)], constant_values=v)  # noqa: E731
     ids, mask, types = left(ids, sampling.pad_id), left(mask), left(types)
+    mask[b:, -1] = 1
+    return ids, mask, types, length, cache_size
+
+
+def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, attention_mask=None,
+           pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+           mm_token_type_ids=None, seed: int = 0, steps_per_call: int | None = None,
+           on_tokens: Callable[[np.ndarray], None] | None = None, mesh=None, group_size: int = 1) -> SampleOutput:
+    """Generate up to `sampling.max_new_tokens` tokens after each prompt row (left padding, like transformers).
+
+    `params`: the model's parameters, or inference weights from `generate.weights.prepare` (prepare once to
+    reuse them across calls; `prepare(params, donate=True)` keeps one copy of the decoder weights). Model
+    parameters are prepared here, for this call: their decoder layers are then held twice until it returns.
+    `on_tokens`, if given, is called with the (B, n) tokens produced by each call of the decode
+    program (every `steps_per_call` steps), for streaming.
+    `group_size` G: each prompt row is answered G times (output rows p*G .. p*G + G-1 for prompt p): its vision
+    tower and prefill run once and its KV cache serves its G rows (prefix sharing).
+    `mesh`: run on it (`check_mesh`): rows split over data x fsdp, heads and the KV cache's heads over tensor, the
+    weights as `weights.prepare(mesh=...)` lays them out; rows are padded with dummy prompts to divide data x fsdp.
+    """
+    if group_size < 1:
+        raise ConfigError(f"group_size must be >= 1, got {group_size}")
+    ids, mask, image_grid, video_grid = model_inputs.check_inputs(
+        config, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids)
+    if not mask[:, -1].all():
+        raise model_inputs.InputError("prompts must be left-padded: the last column of attention_mask must be all 1")
+    types = (np.asarray(rope.token_types(config, jnp.asarray(ids))) if mm_token_type_ids is None
+             else np.asarray(mm_token_type_ids, np.int32))
+    prompts = ids.shape[0]
+    rows_out = prompts * group_size
+    dp = 1
+    if mesh is not None:
+        check_mesh(config, mesh)
+        dp = axis_size(mesh, BATCH)
+    extra = round_up(prompts, dp) - prompts
+    ids, mask, types, length, cache_size = _prompt_rows(config, sampling, ids, mask, types, extra)
     pixel_values, image_grid = pad_visual(pixel_values, image_grid, config.vision)
     pixel_values_videos, video_grid = pad_visual(pixel_values_videos, video_grid, config.vision)
     positions, _ = rope.get_rope_index(config, ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
                                        attention_mask=mask, mm_token_type_ids=types)
-    weights = prepare(params)
-    logits, kv = prefill(weights, config, ids, mask, types, positions, pixel_values, image_grid,
-                         pixel_values_videos, video_grid, cache_size=cache_size)
-    n = sampling.max_new_tokens
-    state = {
-        "logits": logits, "kv": kv, "rng": jax.random.key(seed),
-        "cache_segment": jnp.pad(mask, [(0, 0), (0, cache_size - length)]),
-        "write_pos": jnp.int32(length), "next_pos": jnp.max(positions, axis=(0, 2)) + 1, "step": jnp.int32(0),
+    weights = prepare(params, mesh=mesh, config=config)
+    index = None   # the prompt row of each decode row, when not one to one
+    if group_size > 1 or extra:
+        index = np.repeat(np.arange(prompts), group_size)
+        index = np.concatenate([index, np.full(round_up(rows_out, dp) - rows_out, prompts)]).astype(np.int32)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        args = (ids, mask, types, positions)
+        if mesh is not None:
+            args = tuple(jax.device_put(x, _batch_sharding(mesh, x.ndim, axis=x.ndim - 2)) for x in args)
+        logits, kv = prefill(weights, config, *args, pixel_values, image_grid, pixel_values_videos, video_grid,
+                             cache_size=cache_size, split=mesh is not None)
+        segment, next_pos = jnp.pad(args[1], [(0, 0), (0, cache_size - length)]), jnp.max(args[3], axis=(0, 2)) + 1
+        if index is not None:
+            logits, kv = _expand(logits, kv, index)
+            segment, next_pos = segment[index], next_pos[index]
+        state = _initial_state(logits, kv, segment, next_pos, length, seed, sampling)
+        if mesh is not None:
+            state = _place_state(state, mesh)
+        state = _decode_loop(weights, config, state, sampling, steps_per_call, on_tokens, rows_out)
+    cut = lambda x: x[:rows_out]  # noqa: E731
+    return SampleOutput(cut(state["tokens"]), cut(state["logprobs"]), cut(state["lengths"]), cut(state["forced"]))
+
+
+def _initial_state(logits, kv, segment, next_pos, length: int, seed: int, sampling: SamplingConfig) -> dict:
+    b, n = logits.shape[0], sampling.max_new_tokens
+    return {
+        "logits": logits, "kv": kv, "rng": jax.random.key(seed), "cache_segment": segment,
+        "write_pos": jnp.int32(length), "next_pos": next_pos, "step": jnp.int32(0),
         "tokens": jnp.full((b, n), sampling.pad_id, jnp.int32), "logprobs": jnp.zeros((b, n), jnp.float32),
         "lengths": jnp.zeros((b,), jnp.int32), "done": jnp.zeros((b,), bool),
         "think_closed": jnp.zeros((b,), bool), "think_count": jnp.zeros((b,), jnp.int32),
         "force_step": jnp.full((b,), NOT_FORCING, jnp.int32), "forced": jnp.zeros((b,), bool),
     }
+
+
+def _decode_loop(weights, config, state, sampling: SamplingConfig, steps_per_call, on_tokens, rows: int) -> dict:
+    """Call the decode program until every row stopped or max_new_tokens; stream the first `rows` rows."""
+    n = sampling.max_new_tokens
     steps = steps_per_call or n
     while True:
         before = int(state["step"]) if on_tokens else 0
         state = decode(weights, config, state, sampling=sampling, steps=steps)
         step = int(state["step"])
         if on_tokens:
-            on_tokens(np.asarray(state["tokens"][:, before:step]))
+            on_tokens(np.asarray(state["tokens"][:rows, before:step]))
         if step >= n or bool(jnp.all(state["done"])):
-            break
-    return SampleOutput(state["tokens"], state["logprobs"], state["lengths"], state["forced"])
+            return state
 
 
 def generate(params, config: GlmvConfig, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None,

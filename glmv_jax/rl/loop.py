@@ -2,8 +2,9 @@
 
 One readable function: model and tokenizer from `train.init_from` (set up as `glmv train` does,
 train/setup.py), the prompt pool and held-out prompts, an offline pass@k run that seeds the curriculum,
-then iterations of `rlcs.iteration` with metrics, evaluation and checkpoints. Runs on one device (the
-sampler takes no mesh yet).
+then iterations of `rlcs.iteration` with metrics, evaluation and checkpoints. Runs on the run's mesh
+(data / fsdp / tensor; one process): the update sharded as the trainer's step, rollouts on the sampler's mesh
+layout (`generate.weights.prepare(mesh=...)`).
 
 A checkpoint holds, beside the train state (keyed by optimizer step), the loop's state as a JSON item of
 the same orbax step: {"iteration", "curriculum"}; a resume continues after that iteration, and
@@ -11,18 +12,19 @@ metrics.jsonl (keyed by iteration) drops the records written after it.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from glmv_jax import benchmark, evaluate
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.data import synthetic
 from glmv_jax.errors import CheckpointError, ConfigError
+from glmv_jax.generate.weights import prepare
 from glmv_jax.rl import rewards, rlcs
 from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum
@@ -50,25 +52,55 @@ class SyntheticPool:
         return [synthetic.DOMAINS[i % len(synthetic.DOMAINS)] for i in range(self.n)]
 
 
+def prompt_pool(cfg: TrainConfig) -> tuple[Any, list[dict]]:
+    """(the RL prompt pool, the held-out examples) of `data.source`: synthetic tasks, or the user's JSONL prompts
+    (`rl.prompts.JsonlPromptPool`: every line checked here, before any rollout)."""
+    rl = cfg.rl
+    if cfg.data.source == "synthetic":
+        return (SyntheticPool(rl.prompt_pool, cfg.data.seed),
+                [synthetic.example_at(i, seed=cfg.data.seed + 10_000) for i in range(rl.eval_prompts)])
+    if cfg.data.source != "jsonl":
+        raise ConfigError(f"RL prompts come from data.source synthetic or jsonl, not {cfg.data.source}")
+    from glmv_jax.rl.prompts import JsonlPromptPool
+
+    pool = JsonlPromptPool(cfg.data.path, cfg.data.image_root, held_out=rl.eval_prompts)
+    return pool, pool.held_out_examples() or [pool[i] for i in range(min(rl.eval_prompts, len(pool)))]
+
+
 def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: RLConfig, tokenizer, k: int,
-                       batch: int = 64) -> list[float]:
-    """Share of k sampled answers with reward > 0.5, per prompt (the curriculum's offline pass@k)."""
-    rows = np.repeat(np.arange(len(prompts.examples)), k)
+                       batch: int = 64, mesh=None) -> list[float]:
+    """Share of k sampled answers with reward > 0.5, per prompt (the curriculum's offline pass@k). Each prompt's
+    vision tower and prefill run once for its k answers (`rlcs.rollout(group_size=k)`)."""
     wins = np.zeros(len(prompts.examples))
     sampling = rlcs.sampling_config(cfg, tokenizer)
-    for start in range(0, len(rows), batch):
-        part = rows[start:start + batch]
-        out = rlcs.rollout(params, model, prompts, part, sampling, seed=start)
+    per_call = max(1, batch // k)
+    for start in range(0, len(prompts.examples), per_call):
+        index = np.arange(start, min(start + per_call, len(prompts.examples)))
+        out = rlcs.rollout(params, model, prompts, index, sampling, seed=start * k, group_size=k, mesh=mesh)
+        part = np.repeat(index, k)
         texts = rlcs.responses(out["tokens"], out["lengths"], tokenizer)
         scores = rewards.score_batch([prompts.examples[r] for r in part], texts)
         np.add.at(wins, part, [s["reward"] > 0.5 for s in scores])
     return (wins / k).tolist()
 
 
-def held_out_metrics(params, model, tokenizer, prompts, settings) -> dict[str, float]:
-    """Greedy held-out evaluation through `glmv_jax.evaluate` (what `glmv eval` runs): reward (± reward_se),
-    format_ok, forced, reward/<domain>."""
-    return evaluate.flat_metrics(evaluate.run(params, model, tokenizer, prompts, settings)[0])
+def held_out_metrics(params, model, tokenizer, prompts, settings, mesh=None) -> dict[str, float]:
+    """Greedy held-out evaluation through `glmv_jax.evaluate` (what `glmv eval` runs), on `mesh` if given:
+    reward (± reward_se), format_ok, forced, reward/<domain>."""
+    return evaluate.flat_metrics(evaluate.run(params, model, tokenizer, prompts, settings, mesh=mesh)[0])
+
+
+def check_rl_mesh(mesh, model, rl: RLConfig) -> None:
+    """RLCS on `mesh`: no context split (rollouts decode a token per row), the model's sizes divide it, and each
+    update mini-batch (groups x group_size / minibatches rows) divides data x fsdp."""
+    from glmv_jax import sharding
+    from glmv_jax.generate.sampler import check_mesh
+
+    check_mesh(model, mesh)
+    rows, dp = rl.groups * rl.group_size // rl.minibatches, sharding.axis_size(mesh, sharding.BATCH)
+    if rl.groups * rl.group_size % rl.minibatches or rows % dp:
+        raise ConfigError(f"rl.groups x rl.group_size = {rl.groups * rl.group_size} rollouts in {rl.minibatches} "
+                          f"mini-batches must give a multiple of data x fsdp = {dp} rows each")
 
 
 def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -79,19 +111,21 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ model and tokenizer
-    if math.prod(cfg.mesh.sizes(1).values()) != 1:
-        raise ConfigError("RLCS runs on one device for now (the sampler takes no mesh); set every mesh axis to 1")
-    mesh, _ = setup.run_mesh(cfg, devices=1)
+    if jax.process_count() > 1:
+        raise ConfigError("RLCS runs in one process (one host's devices) for now")
+    mesh, _ = setup.run_mesh(cfg, who="glmv train (rl)")
+    if cfg.optimizer.accumulate != 1:
+        raise ConfigError("optimizer.accumulate applies to glmv train's micro-batches; an RLCS update takes its "
+                          "iteration's whole batch (set optimizer.accumulate: 1)")
     train_source, _ = sources_lib.make_sources(cfg.data)
     resuming = has_checkpoint(workdir)
     if not resuming and not cfg.train.init_from:
         raise ConfigError("an RL run starts from an SFT model: set train.init_from")
-    if cfg.optimizer.accumulate != 1:
-        raise ConfigError("optimizer.accumulate applies to glmv train's micro-batches; an RLCS update takes its "
-                          "iteration's whole batch (set optimizer.accumulate: 1)")
     if rl.kl_coef and not cfg.train.init_from:
         raise ConfigError("rl.kl_coef > 0 needs train.init_from (the policy the KL term is measured against)")
     tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source, None if resuming else cfg.train.init_from)
+    check_rl_mesh(mesh, model, rl)
+    pool, held_out = prompt_pool(cfg)   # a bad prompt line is an error here, before any model work
     processor = setup.image_processor(cfg.data, model.vision)
 
     # ------------------------------------------------------------------------------- params and state
@@ -106,15 +140,17 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     curriculum = Curriculum.from_dict(saved["curriculum"]) if resuming else None
     done = int(saved["iteration"]) if resuming else 0
     setup.write_run_files(workdir, cfg, model)
-    step_fn = rlcs.make_policy_step(model, layout.tx, rl, setup.compute_dtype_of(cfg))
+    options = dict(remat_policy=cfg.train.remat_policy, scan_layers=cfg.train.scan_layers,
+                   attention_impl=cfg.train.attention_impl)
+    step_fn = rlcs.make_policy_step(model, layout.tx, rl, setup.compute_dtype_of(cfg), mesh=mesh, model_options=options,
+                                    state_shardings={k: layout.shardings[k] for k in ("step", "params", "opt_state")})
+    policy = lambda params: prepare(params, mesh=mesh, config=model, dtype=step_fn.compute_dtype)  # noqa: E731
     reference = None
     if rl.kl_coef:   # the policy at the start of the RL run: the log-probs the KL term compares against
         start = setup.load_init_params(cfg.train.init_from, model, layout)
         reference = rlcs.make_reference(model, rl, start, setup.compute_dtype_of(cfg))
 
     # ------------------------------------------------------------------- prompt pool, held-out prompts
-    pool = SyntheticPool(rl.prompt_pool, cfg.data.seed)
-    held_out = [synthetic.example_at(i, seed=cfg.data.seed + 10_000) for i in range(rl.eval_prompts)]
     eval_prompts = benchmark.encode_prompts(benchmark.items_from_examples(held_out), tokenizer, model, processor)
     eval_settings = evaluate.EvalSettings(rl.max_new_tokens, rl.thinking_budget, batch=min(32, len(held_out)))
     rewards.warmup()
@@ -123,11 +159,12 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
         if rl.offline_k:
             pool_prompts = rlcs.make_prompts([pool[i] for i in range(len(pool))], tokenizer, processor,
                                              tokenizer.eos_ids[0])
-            rates = offline_pass_rates(state["params"], model, pool_prompts, rl, tokenizer, k=rl.offline_k)
+            rates = offline_pass_rates(policy(state["params"]), model, pool_prompts, rl, tokenizer, k=rl.offline_k,
+                                       mesh=mesh)
         else:  # no offline pass: every example starts at Beta(1, 1) (medium) and is placed by its rollouts
             rates = [0.5] * len(pool)
         curriculum = Curriculum.from_pass_at_k(list(range(len(pool))), pool.domains(), rates, k=rl.offline_k)
-        before = held_out_metrics(state["params"], model, tokenizer, eval_prompts, eval_settings)
+        before = held_out_metrics(policy(state["params"]), model, tokenizer, eval_prompts, eval_settings, mesh)
         writer.write({"step": 0, **{f"eval_{k}": v for k, v in before.items()},
                       "offline_pass_rate": float(np.mean(rates))})
         print(f"glmv train (rl): before RL, held-out reward {before['reward']:.3f} "
@@ -143,11 +180,13 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                                             seed=rl.seed * 100_003 + it, reference=reference)
             last = {"step": it, **metrics}
             if it % rl.eval_every == 0 or it == rl.iterations:
-                scores = held_out_metrics(state["params"], model, tokenizer, eval_prompts, eval_settings)
+                scores = held_out_metrics(policy(state["params"]), model, tokenizer, eval_prompts, eval_settings, mesh)
                 last.update({f"eval_{k}": v for k, v in scores.items()})
             writer.write(last)
             progress.update()
             progress.log(last)
+            progress.write(f"iteration {it}: reward {last['reward']:.3f}, on-policy |rollout - training log-prob| "
+                           f"mean {last['logp_gap_mean']:.2e} max {last['logp_gap_max']:.2e}")
             if it % cfg.checkpoint.every == 0 or it == rl.iterations:
                 checkpointer.save(int(state["step"]), {**state, "rng": rng_key},
                                   loop_state={"iteration": it, "curriculum": curriculum.to_dict()})

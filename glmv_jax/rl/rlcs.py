@@ -7,6 +7,7 @@ softmax(logits / temperature) for both the rollout and the update, so the ratio 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glmv_jax.config import GlmvConfig
 from glmv_jax.data import chat
@@ -25,11 +27,13 @@ from glmv_jax.data.synthetic import messages
 from glmv_jax.data.visual_layout import pad_visual
 from glmv_jax.errors import ConfigError
 from glmv_jax.generate.sampler import SamplingConfig, sample
+from glmv_jax.generate.weights import prepare
 from glmv_jax.model.glmv import apply, token_inputs
 from glmv_jax.rl import rewards
 from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum, is_informative, select_balanced
 from glmv_jax.shapes import bucket
+from glmv_jax.sharding import shard_batch
 from glmv_jax.train.losses import grpo_loss, token_log_probs
 
 
@@ -58,11 +62,15 @@ class Prompts:
 
 
 def make_prompts(examples: list[dict], tokenizer, processor: ImageProcessor, pad_id: int) -> Prompts:
-    """Chat-encode each example's image and question with the generation prompt, left-pad to a bucket."""
+    """Chat-encode each example's images and question with the generation prompt, left-pad to a bucket. An example
+    is a synthetic one (`image`, `question`) or a user's (`images`, `messages`: `rl.prompts.JsonlPromptPool`)."""
     encoded, pixels, grids = [], [], []
     for ex in examples:
-        image = processor([ex["image"]])
-        enc = chat.encode(messages(ex, with_target=False), tokenizer, image_grids=image["image_grid_thw"])
+        images = ex["images"] if "images" in ex else [ex["image"]]
+        image = processor(images) if images else {"pixel_values": np.zeros((0, 1), np.float32),
+                                                  "image_grid_thw": np.zeros((0, 3), np.int32)}
+        chat_messages = ex.get("messages") or messages(ex, with_target=False)
+        enc = chat.encode(chat_messages, tokenizer, image_grids=image["image_grid_thw"] if images else None)
         encoded.append(enc)
         pixels.append(image["pixel_values"])
         grids.append(image["image_grid_thw"])
@@ -98,12 +106,16 @@ def responses(tokens: np.ndarray, lengths: np.ndarray, tokenizer) -> list[str]:
             for row, n in zip(tokens, lengths)]
 
 
-def rollout(params, config: GlmvConfig, prompts: Prompts, index: Sequence[int], sampling: SamplingConfig, seed: int):
-    """Sample one response per row of `index` (prompts repeated as rows); returns the SampleOutput as numpy."""
+def rollout(params, config: GlmvConfig, prompts: Prompts, index: Sequence[int], sampling: SamplingConfig, seed: int,
+            *, group_size: int = 1, mesh=None):
+    """Sample `group_size` responses per row of `index` (rows p*G .. p*G + G-1 answer index[p]; the prompt's vision
+    tower and prefill run once for its G rows); returns the SampleOutput as numpy. `mesh`: sample on it
+    (`params` then best prepared for it: `prepare(params, mesh=mesh, config=config)`)."""
     inputs = prompts.rows(index)
     out = sample(params, config, inputs["input_ids"], attention_mask=inputs["attention_mask"],
                  pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                 mm_token_type_ids=inputs["mm_token_type_ids"], sampling=sampling, seed=seed)
+                 mm_token_type_ids=inputs["mm_token_type_ids"], sampling=sampling, seed=seed, mesh=mesh,
+                 group_size=group_size)
     return jax.tree.map(np.asarray, out._asdict())
 
 
@@ -115,7 +127,7 @@ def group_advantages(rewards_: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 def evaluate(params, config: GlmvConfig, prompts: Prompts, cfg: RLConfig, tokenizer, batch: int = 32,
-             samples: int = 0) -> dict:
+             samples: int = 0, mesh=None) -> dict:
     """Rollouts on held-out prompts: mean reward overall, by domain, and the share well formatted. Greedy by
     default; with `samples` > 0, that many answers per prompt sampled as in training (cfg's temperature)."""
     sampling = sampling_config(cfg, tokenizer, greedy=not samples)
@@ -123,7 +135,7 @@ def evaluate(params, config: GlmvConfig, prompts: Prompts, cfg: RLConfig, tokeni
     scores = []
     for start in range(0, len(rows), batch):
         index = rows[start:start + batch]
-        out = rollout(params, config, prompts, index, sampling, seed=start)
+        out = rollout(params, config, prompts, index, sampling, seed=start, mesh=mesh)
         texts = responses(out["tokens"], out["lengths"], tokenizer)
         scores += rewards.score_batch([prompts.examples[i] for i in index], texts)
     by_domain = defaultdict(list)
@@ -161,15 +173,17 @@ def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: 
             "advantages": advantages.astype(np.float32), "pixel_values": pixels, "image_grid_thw": grid}
 
 
-def sequence_log_probs(params, batch: dict, *, config: GlmvConfig, cfg: RLConfig, compute_dtype=None):
+def sequence_log_probs(params, batch: dict, *, config: GlmvConfig, cfg: RLConfig, compute_dtype=None,
+                       model_options: dict | None = None):
     """Teacher-forced (log p(targets) (S, T), logits / temperature (S, T, V) float32) of an update batch: the
-    distribution the rollouts were sampled from, softmax(logits / temperature)."""
+    distribution the rollouts were sampled from, softmax(logits / temperature). `model_options`: the trainer's
+    remat_policy, scan_layers and attention_impl (`model.glmv.apply`)."""
     if compute_dtype is not None:
         params = jax.tree.map(lambda x: x.astype(compute_dtype), params)
     tokens = token_inputs(config, batch["input_ids"], batch["segment_ids"], batch["mm_token_type_ids"],
                           image_grid_thw=batch["image_grid_thw"])
     visual = {"pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
-    logits = apply(params, config, tokens, visual).astype(jnp.float32) / cfg.temperature
+    logits = apply(params, config, tokens, visual, **(model_options or {})).astype(jnp.float32) / cfg.temperature
     return token_log_probs(logits, batch["targets"]), logits
 
 
@@ -179,11 +193,13 @@ def entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def policy_step(state: dict, batch: dict, *, config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None):
+def policy_step(state: dict, batch: dict, *, config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None,
+                model_options: dict | None = None):
     """One GRPO update: (new state, metrics {loss, clip_fraction, ratio, grad_norm} (+ kl, entropy when their
     coefficients are set)). With `cfg.kl_coef` the batch carries `ref_logp` (see `make_reference`)."""
     def loss_fn(params):
-        new_logp, logits = sequence_log_probs(params, batch, config=config, cfg=cfg, compute_dtype=compute_dtype)
+        new_logp, logits = sequence_log_probs(params, batch, config=config, cfg=cfg, compute_dtype=compute_dtype,
+                                              model_options=model_options)
         return grpo_loss(new_logp, batch["old_logp"], batch["advantages"], batch["loss_mask"],
                          eps_low=cfg.eps_low, eps_high=cfg.eps_high, ref_logp=batch.get("ref_logp"),
                          kl_coef=cfg.kl_coef, entropy=entropy(logits) if cfg.entropy_coef else None,
@@ -196,9 +212,59 @@ def policy_step(state: dict, batch: dict, *, config: GlmvConfig, tx, cfg: RLConf
     return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
 
-def make_policy_step(config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None):
-    return jax.jit(functools.partial(policy_step, config=config, tx=tx, cfg=cfg, compute_dtype=compute_dtype),
-                   donate_argnums=0)
+def make_policy_step(config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None, **kw) -> "PolicyUpdate":
+    return PolicyUpdate(config, tx, cfg, compute_dtype, **kw)
+
+
+class PolicyUpdate:
+    """The jitted GRPO update (`policy_step`, the state donated), sharded as the trainer's step when given a mesh:
+    the state keeps `state_shardings` (train/setup.py `state_layout`), batches are split by row over data x fsdp,
+    and the forward takes the trainer's remat, layer-scan and attention choices (`model_options`).
+
+    `log_probs(params, batch)`: the same teacher-forced forward without the update, for the on-policy check.
+    """
+
+    SPECS = {**{k: ("batch", "length") for k in ("input_ids", "segment_ids", "mm_token_type_ids", "targets",
+                                                 "loss_mask", "old_logp", "ref_logp")}, "advantages": ("batch",)}
+
+    def __init__(self, config: GlmvConfig, tx, cfg: RLConfig, compute_dtype=None, *, mesh=None, state_shardings=None,
+                 model_options: dict | None = None):
+        self.mesh, self.compute_dtype = mesh, compute_dtype
+        kw = dict(config=config, cfg=cfg, compute_dtype=compute_dtype, model_options=model_options)
+        step = functools.partial(policy_step, tx=tx, **kw)
+        out = {} if mesh is None else {"out_shardings": (state_shardings, NamedSharding(mesh, P()))}
+        self._step = jax.jit(step, donate_argnums=0, **out)
+        self._log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, **kw)[0])
+
+    def scope(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def place(self, batch: dict) -> dict:
+        """A host batch on the mesh: per-row arrays split over data x fsdp, visual inputs replicated."""
+        if self.mesh is None:
+            return batch
+        placed = {k: v for k, v in batch.items() if v is not None}
+        specs = {k: self.SPECS.get(k, (None,) * np.ndim(v)) for k, v in placed.items()}
+        return {**batch, **shard_batch(placed, self.mesh, specs)}
+
+    def __call__(self, state: dict, batch: dict):
+        with self.scope():
+            return self._step(state, self.place(batch))
+
+    def log_probs(self, params, batch: dict) -> jax.Array:
+        with self.scope():
+            return self._log_probs(params, self.place(batch))
+
+
+def on_policy_gap(step_fn, params, batches: Sequence[dict]) -> dict:
+    """Mean and max |rollout log-prob - training-forward log-prob| over the sampled tokens of `batches` (their
+    `old_logp` under `loss_mask`), the training forward run by `step_fn.log_probs` on `params`, the parameters
+    that sampled them: the sampler and the update must see one policy (the GRPO ratio starts at 1)."""
+    total, count, worst = 0.0, 0.0, 0.0
+    for batch in batches:
+        gap = np.abs(np.asarray(step_fn.log_probs(params, batch), np.float64) - batch["old_logp"]) * batch["loss_mask"]
+        total, count, worst = total + gap.sum(), count + batch["loss_mask"].sum(), max(worst, float(gap.max()))
+    return {"logp_gap_mean": float(total / max(count, 1.0)), "logp_gap_max": worst}
 
 
 def make_reference(config: GlmvConfig, cfg: RLConfig, params, compute_dtype=None):
@@ -225,7 +291,12 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     ids = curriculum.sample(count, rng)
     prompts = make_prompts([pool[i] for i in ids], tokenizer, processor, tokenizer.eos_ids[0])
     rows = np.repeat(np.arange(len(ids)), cfg.group_size)
-    out = rollout(state["params"], config, prompts, rows, sampling_config(cfg, tokenizer), seed)
+    mesh = getattr(step_fn, "mesh", None)
+    # the policy as the sampler runs it: per-layer weights laid out for decoding, in the update's compute dtype
+    weights = prepare(state["params"], mesh=mesh, config=config, dtype=getattr(step_fn, "compute_dtype", None))
+    out = rollout(weights, config, prompts, np.arange(len(ids)), sampling_config(cfg, tokenizer), seed,
+                  group_size=cfg.group_size, mesh=mesh)
+    del weights
     t_rollout = time.perf_counter() - t0
 
     texts = responses(out["tokens"], out["lengths"], tokenizer)
@@ -241,11 +312,13 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
 
     chosen = np.array([r for g in keep for r in range(g * cfg.group_size, (g + 1) * cfg.group_size)])
     updates = []
-    for part in np.array_split(rng.permutation(chosen), cfg.minibatches):
-        batch = update_batch(prompts, rows[part], {k: v[part] for k, v in out.items()},
-                             advantages.reshape(-1)[part], config)
+    batches = [update_batch(prompts, rows[part], {k: v[part] for k, v in out.items()}, advantages.reshape(-1)[part],
+                            config) for part in np.array_split(rng.permutation(chosen), cfg.minibatches)]
+    gap = on_policy_gap(step_fn, state["params"], batches)   # before the first update moves the params
+    for batch in batches:
         if reference is not None:
-            batch = reference(batch)
+            with step_fn.scope():
+                batch = reference(batch)
         state, metrics = step_fn(state, batch)
         updates.append(jax.tree.map(float, metrics))
     t_update = time.perf_counter() - t0 - t_rollout - t_score
@@ -263,7 +336,7 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
         "loss": float(np.mean([u["loss"] for u in updates])),
         "grad_norm": float(np.mean([u["grad_norm"] for u in updates])),
         **{k: float(np.mean([u[k] for u in updates])) for k in ("kl", "entropy") if k in updates[0]},
-        "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update,
+        **gap, "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update,
         "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
     }
     return state, metrics
