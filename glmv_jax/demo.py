@@ -91,9 +91,9 @@ def _load_model(folder: Path):
 
 def held_out(rl_cfg) -> list[dict]:
     """The RL config's held-out prompts (as `train_rl` builds them: data seed + 10000)."""
-    from glmv_jax.data import synthetic
+    from glmv_jax.rl.loop import held_out_examples
 
-    return [synthetic.example_at(i, seed=rl_cfg.data.seed + 10_000) for i in range(rl_cfg.rl.eval_prompts)]
+    return held_out_examples(rl_cfg)
 
 
 def evaluate_stage(folder: Path, rl_cfg, examples: list[dict]) -> dict:

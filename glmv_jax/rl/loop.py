@@ -34,8 +34,9 @@ from glmv_jax.train.metrics import MetricsWriter, Progress
 class SyntheticPool:
     """The RL prompt pool: synthetic examples 0..n-1 of `seed`, drawn when asked for (a large pool costs no memory)."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, domains: tuple[str, ...] = (), level: str = "standard"):
         self.n, self.seed = n, seed
+        self.families, self.level = tuple(domains) or synthetic.DOMAINS, level
 
     def __len__(self) -> int:
         return self.n
@@ -43,10 +44,10 @@ class SyntheticPool:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n:
             raise KeyError(index)
-        return synthetic.example_at(int(index), seed=self.seed)
+        return synthetic.example_at(int(index), self.seed, self.families, self.level)
 
     def domains(self) -> list[str]:
-        return [synthetic.DOMAINS[i % len(synthetic.DOMAINS)] for i in range(self.n)]
+        return [self.families[i % len(self.families)] for i in range(self.n)]
 
 
 def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: RLConfig, tokenizer, k: int,
@@ -98,13 +99,15 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     setup.write_run_files(workdir, cfg, model)
     step_fn = rlcs.make_policy_step(model, layout.tx, rl, setup.compute_dtype_of(cfg))
     reference = None
-    if rl.kl_coef:   # the policy at the start of the RL run: the log-probs the KL term compares against
+    # The policy at the start of the RL run: the log-probs the KL term compares against, and without that term
+    # the `kl_to_start` metric (one more forward pass per update), so a user sees how far the policy moved.
+    if rl.kl_coef or (cfg.train.init_from and has_checkpoint(setup.workdir_path(cfg.train.init_from))):
         start = setup.load_init_params(cfg.train.init_from, model, layout)
         reference = rlcs.make_reference(model, rl, start, setup.compute_dtype_of(cfg))
 
     # ------------------------------------------------------------------- prompt pool, held-out prompts
-    pool = SyntheticPool(rl.prompt_pool, cfg.data.seed)
-    held_out = [synthetic.example_at(i, seed=cfg.data.seed + 10_000) for i in range(rl.eval_prompts)]
+    pool = SyntheticPool(rl.prompt_pool, cfg.data.seed, cfg.data.domains, cfg.data.level)
+    held_out = held_out_examples(cfg)
     eval_prompts = rlcs.make_prompts(held_out, tokenizer, processor, tokenizer.eos_ids[0])
     rewards.warmup()
     writer = MetricsWriter(workdir, resume_step=done)   # records are keyed by iteration
@@ -137,6 +140,10 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
             writer.write(last)
             progress.update()
             progress.log(last)
+            progress.write(f"iteration {it}: reward {last['reward']:.3f}, updated groups {last['updated_groups']}, "
+                           f"clip fraction {last['clip_fraction']:.3f}, KL to start "
+                           f"{last.get('kl_to_start', float('nan')):.4f}"
+                           + (f", held-out reward {last['eval_reward']:.3f}" if "eval_reward" in last else ""))
             if it % cfg.checkpoint.every == 0 or it == rl.iterations:
                 checkpointer.save(int(state["step"]), {**state, "rng": rng_key},
                                   loop_state={"iteration": it, "curriculum": curriculum.to_dict()})
@@ -149,6 +156,12 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     return last
 
 
+def held_out_examples(cfg: TrainConfig) -> list[dict]:
+    """The RL run's held-out prompts: synthetic examples 0..eval_prompts-1 of seed data.seed + 10000."""
+    return [synthetic.example_at(i, cfg.data.seed + 10_000, tuple(cfg.data.domains) or synthetic.DOMAINS,
+                                 cfg.data.level) for i in range(cfg.rl.eval_prompts)]
+
+
 def finished_iterations(workdir: str | os.PathLike) -> int:
     """The iterations done by the RL run in `workdir` (by its latest checkpoint); 0 without one."""
     workdir = setup.workdir_path(workdir)
@@ -158,4 +171,4 @@ def finished_iterations(workdir: str | os.PathLike) -> int:
         return int((checkpointer.restore_loop_state() or {}).get("iteration", 0))
 
 
-__all__ = ["SyntheticPool", "finished_iterations", "offline_pass_rates", "train_rl"]
+__all__ = ["SyntheticPool", "finished_iterations", "held_out_examples", "offline_pass_rates", "train_rl"]
