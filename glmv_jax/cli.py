@@ -1,4 +1,4 @@
-"""The `glmv` console script: convert, generate, plan, train (RL configs go to rl/loop), bench and demo.
+"""The `glmv` console script: convert, generate, eval, plan, train (RL configs go to rl/loop), bench and demo.
 
 A user error (`GlmvError`: bad config, input, mesh, checkpoint or data; a missing or existing file) is printed
 as one line and exits with status 2; anything else is a bug of ours and shows its traceback."""
@@ -63,16 +63,12 @@ def read_video(path: str, fps: float | None):
     return np.stack(frames), fps or 1000.0 / duration_ms
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _model_and_tokenizer(args: argparse.Namespace):
+    """(config, params, tokenizer) of `--model` (and `--tokenizer`), in `--dtype` (default: float32 on CPU,
+    bfloat16 on accelerators); the tokenizer's special ids checked against the config's."""
     import jax
-    import numpy as np
 
-    from glmv_jax.data import chat
-    from glmv_jax.data.processor import ImageProcessor, VideoProcessor
-    from glmv_jax.data.video import is_video_file, process_video_file
     from glmv_jax.data.tokenizer import Tokenizer, check_ids
-    from glmv_jax.generate.sampler import SamplingConfig, sample
-    from glmv_jax.generate.weights import prepare
 
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     config, params = load_model(args.model, dtype)
@@ -80,6 +76,19 @@ def _generate(args: argparse.Namespace) -> int:
     check_ids(tokenizer, {name: getattr(config, name) for name in (
         "image_token_id", "image_start_token_id", "image_end_token_id", "video_start_token_id",
         "video_end_token_id")})
+    return config, params, tokenizer
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from glmv_jax.data import chat
+    from glmv_jax.data.processor import ImageProcessor, VideoProcessor
+    from glmv_jax.data.video import is_video_file, process_video_file
+    from glmv_jax.generate.sampler import SamplingConfig, sample
+    from glmv_jax.generate.weights import prepare
+
+    config, params, tokenizer = _model_and_tokenizer(args)
     content, extra = [], {}
     if args.image:
         images = ImageProcessor()(args.image)
@@ -121,6 +130,32 @@ def _generate(args: argparse.Namespace) -> int:
     print(final[len(printed[0]):])
     forced = " (thinking budget reached: answer forced)" if bool(out.forced[0]) else ""
     print(f"[{int(out.lengths[0])} tokens{forced}]", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from glmv_jax import benchmark, evaluate
+
+    items = benchmark.load_benchmark(args.data)   # every line checked before the model loads
+    settings = evaluate.EvalSettings(args.max_new_tokens, args.thinking_budget, args.samples, args.temperature,
+                                     args.top_p, args.batch, args.seed)
+    config, params, tokenizer = _model_and_tokenizer(args)
+    prompts = benchmark.encode_prompts(items, tokenizer, config)
+    print(f"glmv eval: {len(items)} prompts x (greedy + {args.samples} samples) ...", file=sys.stderr)
+    table, answers = evaluate.run(params, config, tokenizer, prompts, settings)
+    out = Path(args.out or Path(args.data).with_suffix(".answers.jsonl"))
+    evaluate.write_answers(out, answers)
+    print(evaluate.format_table(table))
+    report = {"table": table}
+    if args.swap_images:
+        report["swap"] = evaluate.swap_check(params, config, tokenizer, items, settings, answers=answers)
+        print(evaluate.format_swap(report["swap"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"answers: {out}", file=sys.stderr)
     return 0
 
 
@@ -228,6 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on accelerators, float32 on CPU")
     p.set_defaults(run=_generate)
+    p = sub.add_parser("eval", help="answer a JSONL benchmark (greedy and sampled), graded by the registered "
+                                    "verifiers: a per-domain table and a JSONL of every answer")
+    p.add_argument("--model", required=True, help="HF folder (safetensors + tokenizer) or orbax folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / .model (default: inside --model)")
+    p.add_argument("--data", required=True, help="benchmark JSONL: domain, answer, question or conversation, "
+                                                 "images / videos (paths relative to the file)")
+    p.add_argument("--samples", type=int, default=0, help="sampled answers per prompt (K) beside the greedy one")
+    p.add_argument("--batch", type=int, default=8, help="rows per generation call")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--thinking-budget", type=int, default=None,
+                   help="force </think><answer> after this many thinking tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the sampled answers")
+    p.add_argument("--top-p", type=float, default=1.0, help="of the sampled answers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="answers JSONL (default: DATA.answers.jsonl)")
+    p.add_argument("--json", default=None, help="also write the table(s) as JSON here")
+    p.add_argument("--swap-images", action="store_true", help="also the image-swap check: greedy accuracy and "
+                   "reference-answer NLL with each line's images replaced by another line's of its domain")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: bfloat16 on accelerators, float32 on CPU")
+    p.set_defaults(run=_eval)
     p = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices; print memory, "
                                     "FLOPs, collectives and step times")
     p.add_argument("--config", required=True, help="model config: preset name, YAML or HF config.json")

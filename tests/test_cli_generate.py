@@ -98,7 +98,7 @@ def test_corrupt_image_and_too_long_prompt_are_one_line_errors(model_dir, tmp_pa
 def test_generate_with_an_mp4_matches_the_api_and_a_cut_file_is_one_line(model_dir, tmp_path):
     """An mp4 written here: `glmv generate --video` decodes it through PyAV and answers as the API does on the
     same processed video; the file cut in half is a one-line error."""
-    from test_video import cut_in_half, write_video
+    from video_files import cut_in_half, write_video
 
     from glmv_jax.checkpoint.hf import load_hf_checkpoint
     from glmv_jax.data.processor import VideoProcessor

@@ -17,7 +17,7 @@ key                  dtype/shape  meaning
 ==================== ============ ==================================================================
 ``input_ids``        int32 (B,T)  packed token ids, 0 on padding
 ``segment_ids``      int32 (B,T)  1..k for the k examples packed in a row (left to right), 0 = padding
-``mm_token_type_ids``int32 (B,T)  0 text, 1 image token, 2 video token (0 on padding)
+``mm_token_type_ids``int32 (B,T)  0 text, 1 image or video token (0 on padding; see below)
 ``targets``          int32 (B,T)  ``input_ids[t+1]`` when t+1 is in the same segment, else 0
 ``loss_mask``        f32   (B,T)  1 where ``targets[t]`` is trained (token t+1 is in the trained span of
                                   the same segment), else 0; never across a boundary, never on padding
@@ -31,7 +31,13 @@ key                  dtype/shape  meaning
 ``B = batch_size`` is per host (see :func:`per_host_batch_size`); ``T = seq_len`` always. Images appear in
 the order of their ``<|image|>`` placeholders in the flattened (B, T) ``input_ids``, which is the order the
 model's ``get_rope_index`` / embedding merge consumes them. At the end of a finite stream the last batch may
-hold fully padded rows (all-zero segment ids). Videos are not produced by this pipeline.
+hold fully padded rows (all-zero segment ids).
+
+Videos (``video``/``videos`` file paths, decoded through PyAV by ``data/video``, sampled and timestamped as the
+reference processor does) ride in ``pixel_values``/``image_grid_thw`` like images: one grid row ``(t, h, w)``
+per video (t frame pairs), in placeholder order among the images, its ``<|image|>`` tokens typed 1 (the model
+computes the same as from separate video inputs: ``data/records``' module doc). A video that cannot be
+decoded is skipped as ``bad_video`` (``missing_video`` for a path that is not a file).
 
 Per-batch numbers that are not arrays (padding fraction, skip counters) live in :class:`PipelineStats`,
 ``iterator.stats`` of the iterator returned by ``iter(make_pipeline(...))`` (or :func:`find_stats` when the
@@ -40,7 +46,8 @@ worker processes, and they are part of the checkpointed state.
 
 Bad data never crashes the pipeline: an example whose image is corrupt/undecodable/missing (``bad_image``,
 ``missing_image``), whose reply is empty (``empty_target``), whose tokens exceed ``seq_len`` (``too_long``)
-or that fails in any other way (``bad_example``) is dropped, counted in ``stats.skipped[reason]`` and logged
+or whose video is corrupt/unsupported/missing (``bad_video``, ``missing_video``), or that fails in any other
+way (``bad_example``) is dropped, counted in ``stats.skipped[reason]`` and logged
 as a warning (the first 10 of each reason, then every 1000th).
 
 Checkpointing: every stage is a grain ``DatasetIterator`` with a JSON-serialisable ``get_state``/

@@ -16,7 +16,8 @@ from PIL import Image, ImageOps
 
 from glmv_jax.data import chat
 from glmv_jax.data.formats import Format, SkipExample, caption_format, resolve_format
-from glmv_jax.data.processor import ImageProcessor, ProcessorError, load_image
+from glmv_jax.data.processor import ImageProcessor, ProcessorError, VideoProcessor, load_image
+from glmv_jax.errors import DataError
 
 SKIP_KEY = "__skip__"
 RECORD_KEYS = ("input_ids", "mm_token_type_ids", "loss_mask", "pixel_values", "image_grid_thw")
@@ -66,6 +67,65 @@ def decode_image(image: Any) -> Image.Image:
     raise SkipExample("bad_image", f"unsupported image type {type(image).__name__}")
 
 
+# ------------------------------------------------------------------------------------------- videos
+def video_processor_for(processor: ImageProcessor) -> VideoProcessor:
+    """The VideoProcessor with ``processor``'s patch geometry and normalisation (the reference's other defaults)."""
+    return VideoProcessor(patch_size=processor.patch_size, temporal_patch_size=processor.temporal_patch_size,
+                          merge_size=processor.merge_size, image_mean=processor.image_mean,
+                          image_std=processor.image_std)
+
+
+def decode_video(video: Any, processor: ImageProcessor) -> dict:
+    """``process_video_file`` of a video file path (``{"path": ...}`` dicts too), sampled as the reference does,
+    with ``processor``'s patch geometry. Raises ``SkipExample("missing_video")`` for a path that is not a file,
+    ``"bad_video"`` for a corrupt, truncated or unsupported one, and for a frame larger than the largest image
+    ``processor`` makes (which the trainer's framed layout, sized for images, would not hold)."""
+    from glmv_jax.data.video import process_video_file
+
+    if isinstance(video, Mapping) and video.get("path"):
+        video = video["path"]
+    if not isinstance(video, (str, os.PathLike)):
+        raise SkipExample("bad_video", f"a video must be a file path, got {type(video).__name__}")
+    if not os.path.isfile(video):
+        raise SkipExample("missing_video", f"video file not found: {video}")
+    try:
+        out = process_video_file(video, video_processor_for(processor))
+    except (DataError, ProcessorError, ValueError, OSError) as e:
+        raise SkipExample("bad_video", str(e)) from e
+    _, h, w = (int(x) for x in out["video_grid_thw"][0])
+    largest = processor.max_pixels // (processor.temporal_patch_size * processor.patch_size ** 2)
+    if h * w > largest:
+        raise SkipExample("bad_video", f"{video}: frames of {h}x{w} patches exceed the largest image's "
+                                       f"{largest} patches (max_pixels)")
+    return out
+
+
+def _visual_kinds(messages) -> list[str]:
+    """"image" / "video" for each media part of the conversation, in order (chat.encode's reading of parts)."""
+    kinds = []
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, (list, tuple)) else ():
+            if isinstance(part, Mapping):
+                if part.get("type") == "video" or "video" in part:
+                    kinds.append("video")
+                elif part.get("type") == "image" or "image" in part:
+                    kinds.append("image")
+    return kinds
+
+
+def _in_placeholder_order(kinds: list[str], image_pixels, image_grids, videos: list[dict]):
+    """(pixel rows, grids) of the images and videos interleaved as their placeholders are."""
+    sizes = np.prod(image_grids, axis=1) if len(image_grids) else np.zeros(0, np.int64)
+    images = list(zip(np.split(image_pixels, np.cumsum(sizes)[:-1]), image_grids)) if len(image_grids) else []
+    video_items = [(np.asarray(v["pixel_values_videos"], np.float32), np.asarray(v["video_grid_thw"][0]))
+                   for v in videos]
+    queue = {"image": iter(images), "video": iter(video_items)}
+    ordered = [next(queue[k]) for k in kinds]
+    return (np.concatenate([p for p, _ in ordered]).astype(np.float32),
+            np.stack([g for _, g in ordered]).astype(np.int32))
+
+
 # ------------------------------------------------------------------------------------------ records
 def example_to_record(example: Mapping[str, Any], tokenizer, mode: str | Format = "sft",
                       processor: ImageProcessor | None = None, *, require_image: bool | None = None,
@@ -77,17 +137,22 @@ def example_to_record(example: Mapping[str, Any], tokenizer, mode: str | Format 
     *as labels* (chat.encode's mask: the reply and its ``<|endoftext|>``); packing shifts it onto the
     predicting positions. ``pixel_values`` float32 (rows, patch_dim) and ``image_grid_thw`` int32 (images, 3),
     (0, patch_dim) / (0, 3) for a text-only example; ``patch_dim`` is the processor's (1176 for GLM-4.1V).
+    Videos are in these arrays too, in placeholder order (module doc), their tokens typed 1.
 
-    ``require_image`` (default: True for ``mode="caption"``, else False) skips examples without an image.
-    Raises :class:`SkipExample` for bad data (``max_len`` given: ``too_long`` when longer).
+    ``require_image`` (default: True for ``mode="caption"``, else False) skips examples without an image or
+    video. Raises :class:`SkipExample` for bad data (``max_len`` given: ``too_long`` when longer).
     """
     formatter = resolve_format(mode)
     if require_image is None:
         require_image = mode == "caption" or getattr(formatter, "func", formatter) is caption_format
-    messages, raw_images = formatter(example)
+    formatted = formatter(example)
+    messages, raw_images = formatted[0], formatted[1]
+    raw_videos = list(formatted[2]) if len(formatted) > 2 else []
     if any(x is None for x in raw_images):
         raise SkipExample("missing_image", "an image entry is None")
-    if require_image and not raw_images:
+    if any(x is None for x in raw_videos):
+        raise SkipExample("missing_video", "a video entry is None")
+    if require_image and not raw_images and not raw_videos:
         raise SkipExample("missing_image", "the example has no image")
     processor = processor or ImageProcessor()
     if raw_images:
@@ -101,10 +166,17 @@ def example_to_record(example: Mapping[str, Any], tokenizer, mode: str | Format 
     else:
         pixel_values = np.zeros((0, processor.geometry().patch_dim), np.float32)
         grids = np.zeros((0, 3), np.int32)
-    enc = chat.encode(messages, tokenizer, image_grids=grids, merge_size=processor.merge_size)
+    videos = [decode_video(v, processor) for v in raw_videos]
+    enc = chat.encode(messages, tokenizer, image_grids=grids, merge_size=processor.merge_size,
+                      video_grids=[v["video_grid_thw"][0] for v in videos],
+                      video_timestamps=[v["frame_timestamps"] for v in videos])
+    types = np.asarray(enc["mm_token_type_ids"], np.int32)
+    if videos:
+        pixel_values, grids = _in_placeholder_order(_visual_kinds(messages), pixel_values, grids, videos)
+        types = np.minimum(types, 1)  # a video's tokens read pixel_values like an image's (module doc)
     record = {
         "input_ids": np.asarray(enc["input_ids"], np.int32),
-        "mm_token_type_ids": np.asarray(enc["mm_token_type_ids"], np.int32),
+        "mm_token_type_ids": types,
         "loss_mask": np.asarray(enc["loss_mask"], np.int32),
         "pixel_values": pixel_values,
         "image_grid_thw": grids,
@@ -143,4 +215,5 @@ def _example_id(example: Any) -> str:
     return "?"
 
 
-__all__ = ["RECORD_KEYS", "RecordFn", "SKIP_KEY", "decode_image", "example_to_record"]
+__all__ = ["RECORD_KEYS", "RecordFn", "SKIP_KEY", "decode_image", "decode_video", "example_to_record",
+           "video_processor_for"]

@@ -7,9 +7,10 @@ Every source has `len` and `[i]` and gives the dicts the pipeline formats read (
   uses seed `data.seed + EVAL_SEED_OFFSET`, so it shares no example with training).
 * `tfds`: a split prepared by `glmv_jax.data.tfds_builder` (read without TensorFlow); text fields arrive as
   bytes and are decoded here; eval = the `validation` split (else `test`).
-* `jsonl`: one JSON object per line, image paths relative to `data.image_root`; the last `n_eval` lines are
-  held out for eval. A line that is not a JSON object is not fatal: it becomes a record the pipeline
-  skips and counts as `bad_example`; missing or corrupt images are counted as `missing_image`/`bad_image`.
+* `jsonl`: one JSON object per line, image and video paths (`image`/`images`, `video`/`videos`) relative to
+  `data.image_root`; the last `n_eval` lines are held out for eval. A line that is not a JSON object is not
+  fatal: it becomes a record the pipeline skips and counts as `bad_example`; missing or corrupt images are
+  counted as `missing_image`/`bad_image`, videos as `missing_video`/`bad_video`.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class _BadRecord(dict):
 
 
 class JsonlSource:
-    """Lines `[start, stop)` of a JSONL file; relative image paths resolved against `image_root`."""
+    """Lines `[start, stop)` of a JSONL file; relative image and video paths resolved against `image_root`."""
 
     def __init__(self, path: str | Path, image_root: str | Path = "", start: int = 0, stop: int | None = None):
         self.path = Path(path)
@@ -79,7 +80,7 @@ class JsonlSource:
         if not isinstance(record, dict):
             return _BadRecord(id=f"{self.path.name}:{number}", error=f"line {number} is not a JSON object")
         record.setdefault("id", f"{self.path.name}:{number}")
-        for key in ("image", "images"):
+        for key in ("image", "images", "video", "videos"):
             if key in record:
                 record[key] = self._resolve(record[key])
         return record

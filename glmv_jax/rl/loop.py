@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from glmv_jax import benchmark, evaluate
 from glmv_jax.checkpoint.state import TrainCheckpointer, has_checkpoint
 from glmv_jax.data import synthetic
 from glmv_jax.errors import CheckpointError, ConfigError
@@ -65,6 +66,12 @@ def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: RLConfig, toke
     return (wins / k).tolist()
 
 
+def held_out_metrics(params, model, tokenizer, prompts, settings) -> dict[str, float]:
+    """Greedy held-out evaluation through `glmv_jax.evaluate` (what `glmv eval` runs): reward (± reward_se),
+    format_ok, forced, reward/<domain>."""
+    return evaluate.flat_metrics(evaluate.run(params, model, tokenizer, prompts, settings)[0])
+
+
 def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) RLCS iterations; returns the last metrics (with eval_reward)."""
     rl: RLConfig = cfg.rl
@@ -108,7 +115,8 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     # ------------------------------------------------------------------- prompt pool, held-out prompts
     pool = SyntheticPool(rl.prompt_pool, cfg.data.seed, cfg.data.domains, cfg.data.level)
     held_out = held_out_examples(cfg)
-    eval_prompts = rlcs.make_prompts(held_out, tokenizer, processor, tokenizer.eos_ids[0])
+    eval_prompts = benchmark.encode_prompts(benchmark.items_from_examples(held_out), tokenizer, model, processor)
+    eval_settings = evaluate.EvalSettings(rl.max_new_tokens, rl.thinking_budget, batch=min(32, len(held_out)))
     rewards.warmup()
     writer = MetricsWriter(workdir, resume_step=done)   # records are keyed by iteration
     if curriculum is None:
@@ -119,7 +127,7 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
         else:  # no offline pass: every example starts at Beta(1, 1) (medium) and is placed by its rollouts
             rates = [0.5] * len(pool)
         curriculum = Curriculum.from_pass_at_k(list(range(len(pool))), pool.domains(), rates, k=rl.offline_k)
-        before = rlcs.evaluate(state["params"], model, eval_prompts, rl, tokenizer)
+        before = held_out_metrics(state["params"], model, tokenizer, eval_prompts, eval_settings)
         writer.write({"step": 0, **{f"eval_{k}": v for k, v in before.items()},
                       "offline_pass_rate": float(np.mean(rates))})
         print(f"glmv train (rl): before RL, held-out reward {before['reward']:.3f} "
@@ -135,7 +143,7 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                                             seed=rl.seed * 100_003 + it, reference=reference)
             last = {"step": it, **metrics}
             if it % rl.eval_every == 0 or it == rl.iterations:
-                scores = rlcs.evaluate(state["params"], model, eval_prompts, rl, tokenizer)
+                scores = held_out_metrics(state["params"], model, tokenizer, eval_prompts, eval_settings)
                 last.update({f"eval_{k}": v for k, v in scores.items()})
             writer.write(last)
             progress.update()

@@ -40,7 +40,8 @@ take the whole response, never raise and never execute text; the ``*_reward`` fu
 [0, 1] within their deadline. ``register(domain, verifier)``, ``reward(domain, response, ground_truth)``,
 ``score(example, response)`` and ``score_batch`` form the registry; ``counting``, ``arithmetic``, ``ocr`` and
 ``grounding`` (the synthetic domains of :mod:`glmv_jax.data.synthetic`) are registered by default, and
-``ocr_exact`` (the OCR verifier in its exact-match mode, for domains where partial credit is unwanted).
+``ocr_exact`` (the OCR verifier in its exact-match mode, for domains where partial credit is unwanted) and
+``math`` (the math verifier, for benchmark files of ``glmv eval``).
 """
 from __future__ import annotations
 

@@ -120,6 +120,7 @@ def score_batch(examples: Sequence[Mapping[str, Any]], responses: Sequence[Any],
 # where partial credit would turn small differences among wrong answers into full-size advantages).
 register("counting", "counting")
 register("arithmetic", "math")
+register("math", "math")     # what benchmark files (glmv eval) call their math lines
 register("ocr", "ocr")
 register("grounding", "grounding")
 register("ocr_exact", "ocr", exact=True)
