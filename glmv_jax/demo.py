@@ -231,7 +231,7 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
 
 
 # ------------------------------------------------------------------------------------------------ run
-def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
+def stage_configs(workdir: Path, fast: bool = False, seed: int = 0) -> dict[str, Any]:
     import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section)
     from glmv_jax.config import PRESET_DIR
     from glmv_jax.train.config import load_train_config
@@ -240,14 +240,16 @@ def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
     inits = {"pretrain": None, "sft": workdir / "pretrain", "rl": workdir / "sft"}
     out = {}
     for name, _, config in STAGES:
-        overrides = list(FAST[name]) if fast else []
+        overrides = (list(FAST[name]) if fast else []) + [f"train.seed={seed}"]
+        if name == "rl":
+            overrides.append(f"rl.seed={seed}")
         if inits[name] is not None:
             overrides.append(f"train.init_from={json.dumps(str(inits[name]))}")
         out[name] = load_train_config(PRESET_DIR / "demo" / config, overrides)
     return out
 
 
-def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
+def run(workdir: str | Path = "runs/demo", fast: bool = False, seed: int = 0) -> dict:
     """Run (or reuse) the three stages, evaluate each, write `workdir/report.md`; returns a summary dict
     (`evals` by stage, `timings`, `report`, `total_s`)."""
     from glmv_jax.demo_eval import evaluate_stage
@@ -258,7 +260,7 @@ def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     use_compile_cache(str(workdir / "jax_cache"))
-    configs = stage_configs(workdir, fast)
+    configs = stage_configs(workdir, fast, seed)
     examples = held_out(configs["rl"])
     evals, timings = {}, {}
     for k, (name, label, config) in enumerate(STAGES, 1):
@@ -294,8 +296,8 @@ def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
             "total_s": total}
 
 
-def main(workdir: str = "runs/demo", fast: bool = False) -> int:
-    run(workdir, fast=fast)
+def main(workdir: str = "runs/demo", fast: bool = False, seed: int = 0) -> int:
+    run(workdir, fast=fast, seed=seed)
     return 0
 
 

@@ -101,7 +101,7 @@ def evaluate_stage(name: str, folder: Path, rl_cfg, examples: list[dict], step: 
         result["caption"] = {"nll_true": evaluate.mean_and_se(true), "nll_swapped": evaluate.mean_and_se(swapped),
                              "nll_gap": evaluate.mean_and_se(swapped - true)}
         cache.write_text(json.dumps(result, indent=1))
-        return result
+        return json.loads(cache.read_text())   # as a reused evaluation reads it (pairs as lists)
     r = rl_cfg.rl
     settings = evaluate.EvalSettings(r.max_new_tokens, r.thinking_budget, samples=SAMPLES, temperature=r.temperature,
                                      top_p=r.top_p, batch=32)
@@ -118,7 +118,7 @@ def evaluate_stage(name: str, folder: Path, rl_cfg, examples: list[dict], step: 
                                   "response": a["text"], "ground_truth": ex["ground_truth"], "target": ex["target"],
                                   "reward": a["reward"], "format_ok": a["format_ok"], "forced": a["forced"]})
     cache.write_text(json.dumps(result, indent=1, default=str))
-    return result
+    return json.loads(cache.read_text())   # as a reused evaluation reads it (pairs as lists)
 
 
 __all__ = ["EVAL_FILE", "N_EXAMPLES", "SAMPLES", "caption_nll", "evaluate_stage", "swapped_examples"]

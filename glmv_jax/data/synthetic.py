@@ -338,6 +338,8 @@ def make_example(domain: str, seed: int, level: str = "standard") -> dict:
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
     ex = (_EASY if level == "easy" else _FAMILIES)[domain](_rng(domain, seed))
+    if level == "easy":   # describe, then reason: the thinking opens with the caption pretraining taught
+        ex["thinking"] = ex["caption"] + "\n" + ex["thinking"]
     return {"id": f"{domain}-{int(seed)}" if level == "standard" else f"{domain}-{level}-{int(seed)}", "domain": domain, "image": ex["image"], "question": ex["question"],
             "caption": ex["caption"], "thinking": ex["thinking"], "answer": ex["answer"],
             "target": format_answer(ex["thinking"], ex["answer"]), "ground_truth": ex["ground_truth"],
