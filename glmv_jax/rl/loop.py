@@ -153,7 +153,9 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                            f"{last.get('kl_to_start', float('nan')):.4f}"
                            + (f", held-out reward {last['eval_reward']:.3f}" if "eval_reward" in last else ""))
             if it % cfg.checkpoint.every == 0 or it == rl.iterations:
-                checkpointer.save(int(state["step"]), {**state, "rng": rng_key},
+                # keyed by optimizer step, but unique: an iteration whose groups all had equal rewards updates nothing
+                key = max(int(state["step"]), (checkpointer.latest_step() or 0) + 1)
+                checkpointer.save(key, {**state, "rng": rng_key},
                                   loop_state={"iteration": it, "curriculum": curriculum.to_dict()})
     finally:
         progress.close()
