@@ -319,7 +319,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from glmv_jax import demo
-    return demo.main(args.workdir, fast=args.fast)
+    return demo.main(args.workdir, fast=args.fast, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretraining, SFT and RLCS of the tiny model on the synthetic tasks, evaluated "
                                     "after each stage; writes WORKDIR/report.md (finished stages are reused)")
     p.add_argument("--workdir", default="runs/demo", help="one folder per stage, and the report")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every stage and rl.seed (init, data order, "
+                   "sampling); the data and held-out prompts stay the same")
     p.add_argument("--fast", action="store_true", help="a smoke-sized run (a few steps per stage)")
     p.set_defaults(run=_demo)
     return parser

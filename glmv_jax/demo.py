@@ -1,19 +1,12 @@
 """`glmv demo`: pretraining, SFT and RLCS of the tiny model on the synthetic tasks, with a report.
 
-Three stages, each in its own folder of the workdir, run in-process with the training entry points
-(`glmv_jax.train.loop.train`, `glmv_jax.rl.loop.train_rl`) from the run configs shipped with the package,
-`glmv_jax/presets/demo/{pretrain,sft,rl}.yaml`:
-
-    WORKDIR/pretrain   captions                      (train)
-    WORKDIR/sft        <think>…</think><answer>…</answer>   (train, init_from pretrain)
-    WORKDIR/rl         RLCS                          (train_rl, init_from sft)
-
-After each stage the model answers the same held-out prompts greedily (`rlcs.evaluate`: the RL config's
-held-out set, its sampling limits); accuracy is the mean reward by domain, format_ok the share of well-formed
-answers. A stage whose final checkpoint exists is not trained again and its evaluation (saved as
-`demo_eval.json` in its folder) is reused, so a second run only rewrites the report. The report
-(`WORKDIR/report.md`) has the table, PNG plots of the loss and reward curves (matplotlib) and three
-example answers of the final model (held-out prompts 0, 1 and 2, not chosen by result).
+Three stages, each in its own folder of the workdir, run in-process (`train.loop.train`, `rl.loop.train_rl`) from
+the run configs shipped with the package, `glmv_jax/presets/demo/{pretrain,sft,rl}.yaml`: WORKDIR/pretrain
+(captions), WORKDIR/sft (`<think>…</think><answer>…</answer>`, init_from pretrain), WORKDIR/rl (RLCS, init_from
+sft). After each stage the model is evaluated on the same held-out prompts (the RL config's) through
+`glmv_jax.evaluate` (`evaluate_stage`); a finished stage is not trained again and its evaluation (`demo_eval.json`
+in its folder) is reused. The report (`WORKDIR/report.md`) has the tables, PNG plots of the loss and reward curves
+and three example answers of the final model (held-out prompts 0, 1 and 2, not chosen by result).
 """
 from __future__ import annotations
 
@@ -23,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glmv_jax.demo_eval import N_EXAMPLES, SAMPLES   # numpy only: jax is imported when a stage is evaluated
+
 DEMO_CONFIGS = "presets/demo"   # inside the package (package data, beside the model presets)
 STAGES = (("pretrain", "pretraining", "pretrain.yaml"), ("sft", "SFT", "sft.yaml"), ("rl", "RL", "rl.yaml"))
-EVAL_FILE = "demo_eval.json"
-N_EXAMPLES = 3
-SAMPLES = 4  # answers per held-out prompt in the sampled evaluation (at the RL temperature)
 
 # Smoke-sized overrides (tests): a few steps of each stage, a handful of prompts, short answers.
 _SMALL = ["data.min_pixels=1568", "data.max_pixels=6272"]   # 28..56 px images in the smoke run
@@ -70,62 +62,11 @@ def stage_done(name: str, cfg, folder: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _load_model(folder: Path):
-    """(model config, params, tokenizer) of a stage's latest checkpoint."""
-    import functools
-
-    import jax
-
-    from glmv_jax.checkpoint.state import TrainCheckpointer
-    from glmv_jax.config import load_config
-    from glmv_jax.data.tokenizer import Tokenizer
-    from glmv_jax.model.glmv import init_params
-
-    model = load_config(folder)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            jax.eval_shape(functools.partial(init_params, model, 0)))
-    params = TrainCheckpointer(folder, read_only=True).restore_params(abstract)
-    return model, params, Tokenizer.from_file(folder / "tokenizer.model")
-
-
 def held_out(rl_cfg) -> list[dict]:
     """The RL config's held-out prompts (as `train_rl` builds them: data seed + 10000)."""
-    from glmv_jax.data import synthetic
+    from glmv_jax.rl.loop import held_out_examples
 
-    return [synthetic.example_at(i, seed=rl_cfg.data.seed + 10_000) for i in range(rl_cfg.rl.eval_prompts)]
-
-
-def evaluate_stage(folder: Path, rl_cfg, examples: list[dict]) -> dict:
-    """Greedy held-out evaluation of the stage in `folder` (`rlcs.evaluate`), plus the full answers of the first
-    `N_EXAMPLES` prompts; cached in `folder/demo_eval.json`."""
-    cache = folder / EVAL_FILE
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if (saved.get("n_prompts") == len(examples) and saved.get("step") == _final_step(folder)
-                and "sampled_reward" in saved.get("scores", {})):
-            return saved
-    from glmv_jax.rl import rewards, rlcs
-    from glmv_jax.train.setup import image_processor
-
-    model, params, tokenizer = _load_model(folder)
-    processor = image_processor(rl_cfg.data, model.vision)
-    prompts = rlcs.make_prompts(examples, tokenizer, processor, tokenizer.eos_ids[0])
-    scores = rlcs.evaluate(params, model, prompts, rl_cfg.rl, tokenizer)
-    sampled = rlcs.evaluate(params, model, prompts, rl_cfg.rl, tokenizer, samples=SAMPLES)
-    scores.update({"sampled_reward": sampled["reward"], "sampled_format_ok": sampled["format_ok"]})
-    index = list(range(min(N_EXAMPLES, len(examples))))
-    out = rlcs.rollout(params, model, prompts, index, rlcs.sampling_config(rl_cfg.rl, tokenizer, greedy=True), seed=0)
-    texts = rlcs.responses(out["tokens"], out["lengths"], tokenizer)
-    scored = rewards.score_batch([examples[i] for i in index], texts)
-    answers = [{"index": i, "id": examples[i]["id"], "domain": examples[i]["domain"],
-                "question": examples[i]["question"], "response": text, "ground_truth": examples[i]["ground_truth"],
-                "target": examples[i]["target"], "reward": s["reward"], "format_ok": s["format_ok"],
-                "forced": bool(out["forced"][k])}
-               for k, (i, text, s) in enumerate(zip(index, texts, scored))]
-    result = {"scores": scores, "answers": answers, "n_prompts": len(examples), "step": _final_step(folder)}
-    cache.write_text(json.dumps(result, indent=1, default=str))
-    return result
+    return held_out_examples(rl_cfg)
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -182,28 +123,57 @@ def _plots(workdir: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------- report
-def _domains(evals: dict[str, dict]) -> list[str]:
-    names = set()
-    for result in evals.values():
-        names |= {k.split("/", 1)[1] for k in result["scores"] if k.startswith("reward/")}
-    return sorted(names)
+def _pm(pair) -> str:
+    mean, se = pair
+    return "-" if mean is None else f"{mean:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
 def table(evals: dict[str, dict]) -> str:
-    """The markdown table: a row per stage; overall, each domain and format_ok (greedy), then the sampled
-    evaluation's mean reward and format_ok."""
-    domains = _domains(evals)
-    head = ["stage", "overall", *domains, "format_ok", "sampled reward", "sampled format_ok"]
+    """The markdown table: a row per stage (same held-out prompts): greedy and sampled accuracy ± standard error,
+    pass@k, format_ok, the image-swap check (greedy accuracy with true -> swapped images, the drop ± its
+    standard error; answer NLL true -> swapped) and, for pretraining, the caption NLL true -> swapped."""
+    head = ["stage", "greedy acc", "sampled acc", f"pass@{SAMPLES}", "format_ok", "swap: greedy true -> swapped",
+            "swap drop", "NLL true -> swapped"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, label, _ in STAGES:
         if name not in evals:
             continue
-        s = evals[name]["scores"]
-        cells = [f"after {label}", f"{s['reward']:.3f}", *(f"{s.get(f'reward/{d}', float('nan')):.3f}" for d in domains),
-                 f"{s['format_ok']:.3f}", f"{s.get('sampled_reward', float('nan')):.3f}",
-                 f"{s.get('sampled_format_ok', float('nan')):.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        e = evals[name]
+        if "caption" in e:
+            c = e["caption"]
+            cells = ["-"] * 6 + [f"caption {c['nll_true'][0]:.3f} -> {c['nll_swapped'][0]:.3f} "
+                                 f"(gap {_pm(c['nll_gap'])})"]
+        else:
+            o, w = e["table"]["overall"], e["swap"]["overall"]
+            cells = [_pm((o["greedy_acc"], o["greedy_se"])), _pm((o["sampled_acc"], o["sampled_se"])),
+                     f"{o['pass_at_k']:.3f}", f"{o['format_ok']:.3f}",
+                     f"{w['greedy_acc_true']:.3f} -> {w['greedy_acc_swapped']:.3f}", _pm(e["swap_gap"]),
+                     f"answer {w['nll_true']:.3f} -> {w['nll_swapped']:.3f}"]
+        lines.append("| " + " | ".join([f"after {label}", *cells]) + " |")
     return "\n".join(lines)
+
+
+def domain_table(evals: dict[str, dict]) -> str:
+    """Greedy / sampled accuracy by domain per stage (the stages that answer)."""
+    stages = [(n, label) for n, label, _ in STAGES if n in evals and "table" in evals[n]]
+    domains = sorted({d for n, _ in stages for d in evals[n]["table"] if d != "overall"})
+    lines = ["| stage | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for n, label in stages:
+        t = evals[n]["table"]
+        lines.append(f"| after {label} | " + " | ".join(
+            f"{t[d]['greedy_acc']:.3f} / {t[d]['sampled_acc']:.3f}" for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """One line of a stage's evaluation, for the console."""
+    if "caption" in result:
+        c = result["caption"]
+        return f"caption NLL {c['nll_true'][0]:.3f} (true images) vs {c['nll_swapped'][0]:.3f} (swapped)"
+    o, w = result["table"]["overall"], result["swap"]["overall"]
+    return (f"greedy {_pm((o['greedy_acc'], o['greedy_se']))}, sampled {_pm((o['sampled_acc'], o['sampled_se']))}, "
+            f"pass@{SAMPLES} {o['pass_at_k']:.3f}, format_ok {o['format_ok']:.3f}; swapped images: greedy "
+            f"{w['greedy_acc_swapped']:.3f}, answer NLL {w['nll_true']:.3f} -> {w['nll_swapped']:.3f}")
 
 
 def _fence(text: str) -> str:
@@ -217,14 +187,18 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
     lines = ["# glmv demo: pretraining -> SFT -> RLCS of the tiny model on the synthetic tasks", ""]
     if fast:
         lines += ["**Smoke-sized run (`--fast`): a few steps per stage; the numbers mean nothing.**", ""]
-    lines += [f"Held-out evaluation: the same {len(examples)} prompts (synthetic seed {rl_cfg.data.seed + 10_000}, "
-              f"domains round robin) after every stage, greedy, at most {rl_cfg.rl.max_new_tokens} new tokens "
-              f"(thinking budget {rl_cfg.rl.thinking_budget}). Accuracy = mean reward (in [0, 1]; OCR gets partial "
-              "credit by edit distance); format_ok = share of answers in the "
-              "`<think>…</think><answer>…</answer>` format with one box. The sampled columns: "
-              f"{SAMPLES} answers per prompt sampled as in RL (temperature {rl_cfg.rl.temperature}), mean reward "
-              "and share well formed.", "",
-              "## Accuracy by domain", "", table(evals), ""]
+    r = rl_cfg.rl
+    lines += [f"Held-out evaluation (`glmv_jax.evaluate`, what `glmv eval` runs): the same {len(examples)} prompts "
+              f"(synthetic seed {rl_cfg.data.seed + 10_000}, level {rl_cfg.data.level}, domains "
+              f"{', '.join(rl_cfg.data.domains) or 'all'} round robin) after every stage; at most {r.max_new_tokens} "
+              f"new tokens (thinking budget {r.thinking_budget}). Accuracy = mean reward in [0, 1]; greedy: one "
+              f"answer per prompt; sampled: the mean of {SAMPLES} answers per prompt at the RL temperature "
+              f"{r.temperature}; ± one standard error over prompts; pass@{SAMPLES}: share of prompts with a sampled "
+              "answer rewarded > 0.5. Image swap: every prompt with the image of another prompt of its domain; a "
+              "model that uses its images drops in accuracy and its reference answers' NLL rises. Pretraining never "
+              "saw the reply format: its row is the caption NLL per token with the true and with swapped images.",
+              "", "## Held-out results", "", table(evals), "", "Greedy / sampled accuracy by domain:", "",
+              domain_table(evals), ""]
     lines += ["## Stages", "", "| stage | config | folder | steps | wall time |", "|---|---|---|---:|---:|"]
     for name, label, config in STAGES:
         t = timings.get(name, {})
@@ -239,7 +213,7 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
               f"{rl_cfg.rl.temperature}); the held-out reward is the greedy evaluation above (iteration 0: the SFT "
               "model).", "", f"## Example answers (final model; held-out prompts 0..{N_EXAMPLES - 1}, not chosen by "
               "result)", ""]
-    final = evals.get("rl") or evals.get("sft") or evals.get("pretrain")
+    final = evals.get("rl") or evals.get("sft") or {"answers": []}
     for a in final["answers"]:
         image = workdir / f"example_{a['index']}.png"
         examples[a["index"]]["image"].save(image)
@@ -257,7 +231,7 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
 
 
 # ------------------------------------------------------------------------------------------------ run
-def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
+def stage_configs(workdir: Path, fast: bool = False, seed: int = 0) -> dict[str, Any]:
     import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section)
     from glmv_jax.config import PRESET_DIR
     from glmv_jax.train.config import load_train_config
@@ -266,16 +240,19 @@ def stage_configs(workdir: Path, fast: bool = False) -> dict[str, Any]:
     inits = {"pretrain": None, "sft": workdir / "pretrain", "rl": workdir / "sft"}
     out = {}
     for name, _, config in STAGES:
-        overrides = list(FAST[name]) if fast else []
+        overrides = (list(FAST[name]) if fast else []) + [f"train.seed={seed}"]
+        if name == "rl":
+            overrides.append(f"rl.seed={seed}")
         if inits[name] is not None:
             overrides.append(f"train.init_from={json.dumps(str(inits[name]))}")
         out[name] = load_train_config(PRESET_DIR / "demo" / config, overrides)
     return out
 
 
-def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
+def run(workdir: str | Path = "runs/demo", fast: bool = False, seed: int = 0) -> dict:
     """Run (or reuse) the three stages, evaluate each, write `workdir/report.md`; returns a summary dict
     (`evals` by stage, `timings`, `report`, `total_s`)."""
+    from glmv_jax.demo_eval import evaluate_stage
     from glmv_jax.train.loop import train
     from glmv_jax.train.setup import use_compile_cache
 
@@ -283,7 +260,7 @@ def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     use_compile_cache(str(workdir / "jax_cache"))
-    configs = stage_configs(workdir, fast)
+    configs = stage_configs(workdir, fast, seed)
     examples = held_out(configs["rl"])
     evals, timings = {}, {}
     for k, (name, label, config) in enumerate(STAGES, 1):
@@ -305,26 +282,23 @@ def run(workdir: str | Path = "runs/demo", fast: bool = False) -> dict:
         t1 = time.perf_counter()
         _say(f"glmv demo: {label} {'reused' if reused else f'trained in {t1 - t0:.0f}s'}; evaluating on "
              f"{len(examples)} held-out prompts ...")
-        evals[name] = evaluate_stage(folder, configs["rl"], examples)
+        evals[name] = evaluate_stage(name, folder, configs["rl"], examples, _final_step(folder))
         t2 = time.perf_counter()
-        s = evals[name]["scores"]
-        _say(f"glmv demo: after {label}: reward {s['reward']:.3f}, format_ok {s['format_ok']:.3f}, "
-             f"sampled reward {s['sampled_reward']:.3f} "
-             f"({', '.join(f'{key[7:]} {v:.3f}' for key, v in s.items() if key.startswith('reward/'))}) "
-             f"[eval {t2 - t1:.0f}s; elapsed {t2 - started:.0f}s]")
+        _say(f"glmv demo: after {label}: {summary(evals[name])} [eval {t2 - t1:.0f}s; elapsed {t2 - started:.0f}s]")
         timings[name] = {"train_s": t1 - t0, "eval_s": t2 - t1, "reused": reused}
     report = write_report(workdir, evals, examples, timings, configs, fast)
     total = time.perf_counter() - started
     print("\n" + table(evals))
     print(f"\nglmv demo: report in {report}; total {total:.0f}s "
           f"({', '.join('%s %.0f+%.0fs' % (n, t['train_s'], t['eval_s']) for n, t in timings.items())})")
-    return {"evals": {k: v["scores"] for k, v in evals.items()}, "timings": timings, "report": str(report),
+    return {"evals": {k: {key: v[key] for key in ("table", "swap", "swap_gap", "caption") if key in v}
+                      for k, v in evals.items()}, "timings": timings, "report": str(report),
             "total_s": total}
 
 
-def main(workdir: str = "runs/demo", fast: bool = False) -> int:
-    run(workdir, fast=fast)
+def main(workdir: str = "runs/demo", fast: bool = False, seed: int = 0) -> int:
+    run(workdir, fast=fast, seed=seed)
     return 0
 
 
-__all__ = ["line_plot", "main", "run", "stage_configs", "table", "write_report"]
+__all__ = ["domain_table", "line_plot", "main", "run", "stage_configs", "summary", "table", "write_report"]

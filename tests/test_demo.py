@@ -15,8 +15,13 @@ def test_demo_fast_and_reuse(tmp_path):
     for row in ("| after pretraining |", "| after SFT |", "| after RL |"):
         assert row in report
     header = next(line for line in report.splitlines() if line.startswith("| stage |"))
-    for column in ("overall", "counting", "arithmetic", "ocr", "grounding", "format_ok"):
+    for column in ("greedy acc", "sampled acc", "pass@4", "format_ok", "swap: greedy true -> swapped", "swap drop",
+                   "NLL true -> swapped"):
         assert column in header
+    by_domain = [line for line in report.splitlines() if line.startswith("| stage |")][1]
+    for domain in ("counting", "arithmetic", "ocr", "grounding"):
+        assert domain in by_domain
+    assert re.search(r"\| after pretraining \|( - \|){6} caption \d+\.\d+ -> \d+\.\d+", report)
     for png in ("pretrain_loss.png", "sft_loss.png", "rl_reward.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png})" in report
@@ -27,13 +32,18 @@ def test_demo_fast_and_reuse(tmp_path):
     assert report.count("**Question:**") == 3 and report.count("**Ground truth:**") == 3
     assert set(out["evals"]) == {"pretrain", "sft", "rl"}
     assert not any(t["reused"] for t in out["timings"].values())
-    for scores in out["evals"].values():
-        assert 0.0 <= scores["reward"] <= 1.0 and 0.0 <= scores["format_ok"] <= 1.0
+    assert set(out["evals"]["pretrain"]) == {"caption"}
+    for stage in ("sft", "rl"):
+        row, swap = out["evals"][stage]["table"]["overall"], out["evals"][stage]["swap"]["overall"]
+        assert row["n"] == 8 and swap["n"] == 8
+        for key in ("greedy_acc", "sampled_acc", "pass_at_k", "format_ok"):
+            assert 0.0 <= row[key] <= 1.0, key
+        assert 0.0 <= swap["greedy_acc_swapped"] <= 1.0 and swap["nll_swapped"] > 0
 
     again = demo.run(tmp_path, fast=True)
     assert all(t["reused"] for t in again["timings"].values())
     assert again["evals"] == out["evals"]          # the saved evaluations, not new ones
     assert again["total_s"] < out["total_s"] / 3
     second = (tmp_path / "report.md").read_text()
-    assert demo.table({k: {"scores": v} for k, v in out["evals"].items()}) in second
+    assert demo.table(out["evals"]) in second
     assert "(reused)" in second

@@ -46,10 +46,52 @@ def test_one_iteration(setup):
     for key in ("reward", "balanced_groups", "expansion", "response_length", "forced_answers", "clip_fraction",
                 "rollout_tokens_per_s", "rollout_s", "update_s"):
         assert np.isfinite(metrics[key]), key
-    assert metrics["prompts"] == 2 and int(state["step"]) == 2
+    assert metrics["prompts"] == 2
     assert 0 < metrics["response_length"] <= 12
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, state["params"]))
-    assert any(changed)  # AdamW moved the params (weight decay at least)
+    # groups with equal rewards are dropped, not used as filler: an update only when some group is informative
+    assert metrics["updated_groups"] == round(metrics["balanced_groups"] * 2)
+    assert int(state["step"]) == (2 if metrics["updated_groups"] else 0)
+    assert any(changed) == bool(metrics["updated_groups"])
+
+
+def test_minibatches_share_the_informative_rows():
+    useful = np.array([True, False, True, False, False])
+    parts = rlcs.minibatch_rows([0, 1, 2, 3], useful, 4, 2, np.random.default_rng(0))
+    assert len(parts) == 2 and sorted(np.concatenate(parts).tolist()) == list(range(16))
+    for part in parts:
+        assert len(part) == 8 and sum(useful[r // 4] for r in part) == 4
+
+
+def test_policy_tokens_mask_the_forced_answer_opening():
+    sampling = rlcs.SamplingConfig(8, 1.0, 1.0, eos_ids=(9,), pad_id=9, thinking_budget=3, think_end_id=5,
+                                   forced_answer_ids=(5, 6))
+    out = {"tokens": np.array([[1, 2, 3, 5, 6, 7, 9, 9], [1, 5, 6, 7, 9, 9, 9, 9]]),
+           "lengths": np.array([7, 5]), "forced": np.array([True, False])}
+    mask = rlcs.policy_tokens(out, sampling)
+    assert mask.tolist() == [[True, True, True, False, False, True, True, False],   # 5, 6 forced at the budget
+                             [True, True, True, True, True, False, False, False]]   # sampled </think>: kept
+
+
+def test_rows_without_loss_tokens_do_not_dilute_the_loss(setup):
+    """A filler row (no loss tokens) leaves the loss and its gradient as they are without it."""
+    tokenizer, config, params, processor = setup
+    cfg = RLConfig(max_new_tokens=8, temperature=1.0)
+    examples = [synthetic.make_example(d, 3) for d in synthetic.DOMAINS[:2]]
+    prompts = rlcs.make_prompts(examples, tokenizer, processor, tokenizer.eos_ids[0])
+    out = rlcs.rollout(params, config, prompts, [0, 0, 1, 1], rlcs.sampling_config(cfg, tokenizer), seed=1)
+    adv = np.array([1.0, -1.0, 0.0, 0.0], np.float32)
+    tokens = rlcs.policy_tokens(out, rlcs.sampling_config(cfg, tokenizer))
+    tokens[2:] = False
+    tx = make_optimizer(OptimizerConfig(learning_rate=0.0, weight_decay=0.0), params)
+    step = rlcs.make_policy_step(config, tx, cfg)
+    with_filler = rlcs.update_batch(prompts, [0, 0, 1, 1], out, adv, config, token_mask=tokens)
+    alone = rlcs.update_batch(prompts, [0, 0], {k: v[:2] for k, v in out.items()}, adv[:2], config)
+    fresh = lambda: init_state(jax.tree.map(np.array, params), tx)  # noqa: E731  (the step donates its state)
+    _, a = step(fresh(), with_filler)
+    _, b = step(fresh(), alone)
+    np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-4)
 
 
 def test_first_update_is_on_policy(setup):

@@ -42,10 +42,11 @@ INKS: dict[str, tuple[int, int, int]] = {  # text colours
 GAP = 4  # minimum free pixels between the boxes of two shapes
 
 
-def canvas_size(rng: random.Random, min_w: int = MIN_SIDE, min_h: int = MIN_SIDE) -> tuple[int, int]:
-    """A random (width, height) in ``max(min, MIN_SIDE)..MAX_SIDE``."""
-    lo_w, lo_h = min(max(min_w, MIN_SIDE), MAX_SIDE), min(max(min_h, MIN_SIDE), MAX_SIDE)
-    return rng.randint(lo_w, MAX_SIDE), rng.randint(lo_h, MAX_SIDE)
+def canvas_size(rng: random.Random, min_w: int = MIN_SIDE, min_h: int = MIN_SIDE,
+                max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """A random (width, height) in ``max(min, MIN_SIDE)..max_side``."""
+    lo_w, lo_h = min(max(min_w, MIN_SIDE), max_side), min(max(min_h, MIN_SIDE), max_side)
+    return rng.randint(lo_w, max_side), rng.randint(lo_h, max_side)
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -134,11 +135,16 @@ def _pixel_box(shape: str, x: int, y: int, s: int) -> tuple[int, int, int, int]:
     return mask.getbbox()
 
 
-def _layout(rng: random.Random, n: int, w: int, h: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+def _layout(rng: random.Random, n: int, w: int, h: int, big: bool = False,
+            max_side: int = MAX_SIDE) -> tuple[int, int, list[tuple[int, int, int]]]:
     """Positions ``(x, y, size)`` of ``n`` non-overlapping shapes (``GAP`` px apart); shrinks the shapes, then
-    grows the canvas, until they fit."""
-    smin = max(10, min(w, h) // 16)
-    smax = max(smin, min(64, min(w, h) // 4))
+    grows the canvas (up to ``max_side``), until they fit. ``big``: sides 1/4..1/2 of the canvas's short side
+    (else 1/16..1/4, at most 64 px)."""
+    if big:
+        smin, smax = max(14, min(w, h) // 4), max(14, min(w, h) // 2)
+    else:
+        smin = max(10, min(w, h) // 16)
+        smax = max(smin, min(64, min(w, h) // 4))
     while True:
         sizes = [rng.randint(smin, smax) for _ in range(n)]
         placed: list[tuple[int, int, int]] = []
@@ -159,14 +165,14 @@ def _layout(rng: random.Random, n: int, w: int, h: int) -> tuple[int, int, list[
         elif smin > 10:
             smin = smax = max(10, int(smin * 0.8))
         else:
-            w, h = min(MAX_SIDE, w + 28), min(MAX_SIDE, h + 28)
+            w, h = min(max_side, w + 28), min(max_side, h + 28)
 
 
-def draw_objects(rng: random.Random, kinds: list[tuple[str, str]]):
-    """Draw ``kinds`` (colour, shape) on a fresh canvas; returns image, background name and the objects as
-    dicts with their tight pixel boxes."""
-    w, h = canvas_size(rng)
-    w, h, places = _layout(rng, len(kinds), w, h)
+def draw_objects(rng: random.Random, kinds: list[tuple[str, str]], big: bool = False, max_side: int = MAX_SIDE):
+    """Draw ``kinds`` (colour, shape) on a fresh canvas (sides up to ``max_side``; ``big`` shapes: see
+    ``_layout``); returns image, background name and the objects as dicts with their tight pixel boxes."""
+    w, h = canvas_size(rng, max_side=max_side)
+    w, h, places = _layout(rng, len(kinds), w, h, big, max_side)
     bg = rng.choice(sorted(BACKGROUNDS))
     img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
     draw = ImageDraw.Draw(img)
@@ -184,9 +190,11 @@ def normalize_box(box: tuple[int, int, int, int], w: int, h: int) -> list[int]:
             min(1000, -((-x1 * 1000) // w)), min(1000, -((-y1 * 1000) // h))]
 
 
-def render_expression(rng: random.Random, nums: list[int], ops: list[str], ask: bool):
-    """``nums`` joined by ``ops`` (then ``= ?`` when ``ask``) on a fresh canvas; returns image, background, ink."""
-    size = rng.randint(14, 44)
+def render_expression(rng: random.Random, nums: list[int], ops: list[str], ask: bool,
+                      sizes: tuple[int, int] = (14, 44), max_side: int = MAX_SIDE):
+    """``nums`` joined by ``ops`` (then ``= ?`` when ``ask``) on a fresh canvas (text ``sizes`` px, sides up to
+    ``max_side``); returns image, background, ink."""
+    size = rng.randint(*sizes)
     tokens: list[tuple[str, str]] = [("num", str(nums[0]))]
     for o, n in zip(ops, nums[1:]):
         tokens += [("op", o), ("num", str(n))]
@@ -199,10 +207,10 @@ def render_expression(rng: random.Random, nums: list[int], ops: list[str], ask: 
         gap = max(3, size // 4)
         width = sum(m.width if m is not None else opw for m in masks) + gap * (len(tokens) - 1)
         height = max(m.height for m in masks if m is not None)
-        if width + 8 <= MAX_SIDE or size <= 10:
+        if width + 8 <= max_side or size <= 10:
             break
         size -= 4
-    w, h = canvas_size(rng, width + 8, height + 8)
+    w, h = canvas_size(rng, width + 8, height + 8, max_side)
     bg, ink = rng.choice(sorted(BACKGROUNDS)), rng.choice(sorted(INKS))
     img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
     draw = ImageDraw.Draw(img)

@@ -30,8 +30,11 @@ TEXT_FIELDS = ("question", "caption", "target")
 class SyntheticSource:
     """Examples `start .. start+n-1` of `synthetic.generate(..., seed)`, drawn when read."""
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, n: int, seed: int = 0, domains: tuple[str, ...] = (), level: str = "standard"):
+        from glmv_jax.data import synthetic
+
         self.n, self.seed = int(n), int(seed)
+        self.domains, self.level = tuple(domains) or synthetic.DOMAINS, level
 
     def __len__(self) -> int:
         return self.n
@@ -41,7 +44,7 @@ class SyntheticSource:
 
         if not 0 <= index < self.n:
             raise IndexError(index)
-        return synthetic.example_at(int(index), self.seed)
+        return synthetic.example_at(int(index), self.seed, self.domains, self.level)
 
 
 class _BadRecord(dict):
@@ -131,8 +134,9 @@ def example_format(mode: str):
 def make_sources(data) -> tuple[Any, Any | None]:
     """(train source, eval source or None) of a `DataConfig`."""
     if data.source == "synthetic":
-        return (SyntheticSource(data.n_train, data.seed),
-                SyntheticSource(data.n_eval, data.seed + EVAL_SEED_OFFSET) if data.n_eval else None)
+        return (SyntheticSource(data.n_train, data.seed, data.domains, data.level),
+                SyntheticSource(data.n_eval, data.seed + EVAL_SEED_OFFSET, data.domains, data.level)
+                if data.n_eval else None)
     if data.source == "jsonl":
         whole = JsonlSource(data.path, data.image_root)
         n = len(whole)

@@ -249,12 +249,84 @@ def _grounding(rng: random.Random) -> dict:
             "ground_truth": box, "difficulty_hint": len(objects)}
 
 
+# ------------------------------------------------------------------------------ the easy level (demo)
+EASY_SIDE = 112        # easy images are drawn at 56..112 px, the size the demo shows them: nothing is shrunk
+LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+def _easy_counting(rng: random.Random) -> dict:
+    """1..3 large shapes of one colour (sometimes none) among 0..2 of other colours; the question names a colour."""
+    color = rng.choice(sorted(COLORS))
+    k = rng.choices(range(4), weights=(1, 3, 3, 3))[0]
+    d = rng.randint(1 if k == 0 else 0, min(2, 4 - k))
+    others = [c for c in sorted(COLORS) if c != color]
+    kinds = [(color, rng.choice(SHAPES)) for _ in range(k)] + [(rng.choice(others), rng.choice(SHAPES))
+                                                              for _ in range(d)]
+    rng.shuffle(kinds)
+    img, bg, objects = draw_objects(rng, kinds, big=True, max_side=EASY_SIDE)
+    noun = f"{color} shapes"
+    hits = sorted((o for o in objects if o["color"] == color), key=lambda o: _reading_order(o["box"], img.height))
+    seen = "; ".join(f"{_a(o['color'] + ' ' + o['shape'])} at the {_where(o['box'], *img.size)}" for o in hits)
+    thinking = f"I need to count the {noun}. I see {seen or 'none'}. That makes {k}.\n"
+    return {"image": img, "question": rng.choice((f"How many {noun} are there in the image?",
+                                                  f"Count the {noun} in the picture.")),
+            "caption": _scene_caption(bg, objects), "thinking": thinking, "answer": str(k), "ground_truth": k,
+            "difficulty_hint": len(objects)}
+
+
+def _easy_arithmetic(rng: random.Random) -> dict:
+    """a + b or a - b (a >= b) with single digits, in large print; the answer is a whole number 0..18."""
+    op = rng.choice("+-")
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if op == "-" and a < b:
+        a, b = b, a
+    value = _OPS[op](a, b)
+    img, bg, ink = render_expression(rng, [a, b], [op], False, sizes=(24, 36), max_side=EASY_SIDE)
+    return {"image": img, "question": "What is the value of the expression in the image?",
+            "caption": f"The expression {a} {op} {b} written in {ink} on a {bg} background.",
+            "thinking": f"The image shows {a} {op} {b}. {a} {_OP_WORDS[op]} {b} is {value}.\n", "answer": str(value),
+            "ground_truth": value, "difficulty_hint": 2}
+
+
+def _easy_ocr(rng: random.Random) -> dict:
+    """One or two large capital letters."""
+    text = "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 2)))
+    mask = text_mask(text, rng.randint(28, 44))
+    w, h = canvas_size(rng, mask.width + 8, mask.height + 8, EASY_SIDE)
+    bg, ink = rng.choice(sorted(BACKGROUNDS)), rng.choice(sorted(INKS))
+    img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
+    img.paste(INKS[ink], (rng.randint(4, w - mask.width - 4), rng.randint(4, h - mask.height - 4)), mask)
+    return {"image": img, "question": "What text is written in the image?",
+            "caption": f"The letters \"{text}\" in {ink} on a {bg} background.",
+            "thinking": f"There {'is one letter' if len(text) == 1 else 'are two letters'}: {'-'.join(text)}.\n",
+            "answer": text, "ground_truth": text, "difficulty_hint": len(text)}
+
+
+def _easy_grounding(rng: random.Random) -> dict:
+    """One large shape, alone or beside one of another colour."""
+    color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    kinds = [(color, shape)] + [(rng.choice([c for c in sorted(COLORS) if c != color]), rng.choice(SHAPES))
+                                for _ in range(rng.randint(0, 1))]
+    img, bg, objects = draw_objects(rng, kinds, big=True, max_side=EASY_SIDE)
+    box = normalize_box(objects[0]["box"], *img.size)
+    return {"image": img, "question": f"Where is the {color} {shape}? Answer with its bounding box [x1,y1,x2,y2] on "
+                                      "a 0-1000 scale.",
+            "caption": _scene_caption(bg, objects),
+            "thinking": f"The {color} {shape} is at the {_where(objects[0]['box'], *img.size)}: left {box[0]}, top "
+                        f"{box[1]}, right {box[2]}, bottom {box[3]}.\n",
+            "answer": "[" + ",".join(map(str, box)) + "]", "ground_truth": box, "difficulty_hint": len(objects)}
+
+
 _FAMILIES = {"counting": _counting, "arithmetic": _arithmetic, "ocr": _ocr, "grounding": _grounding}
+_EASY = {"counting": _easy_counting, "arithmetic": _easy_arithmetic, "ocr": _easy_ocr, "grounding": _easy_grounding}
+LEVELS: tuple[str, ...] = ("standard", "easy")
 
 
 # ------------------------------------------------------------------------------------------------- API
-def make_example(domain: str, seed: int) -> dict:
-    """One example of ``domain``, a pure function of ``(domain, seed)``.
+def make_example(domain: str, seed: int, level: str = "standard") -> dict:
+    """One example of ``domain``, a pure function of ``(domain, seed, level)``. ``level`` "easy": the demo's
+    level (images 56..112 px, large shapes and print: 0..3 shapes of a colour among at most 4 to count, a + b or
+    a - b with single digits, one or two capital letters, one shape to ground beside at most one other).
 
     Keys: ``id``, ``domain``, ``image`` (RGB ``PIL.Image``), ``question``, ``caption``, ``thinking``,
     ``answer`` (the string in the box), ``target`` (``chat.format_answer(thinking, answer)``),
@@ -263,19 +335,24 @@ def make_example(domain: str, seed: int) -> dict:
     """
     if domain not in _FAMILIES:
         raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
-    ex = _FAMILIES[domain](_rng(domain, seed))
-    return {"id": f"{domain}-{int(seed)}", "domain": domain, "image": ex["image"], "question": ex["question"],
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
+    ex = (_EASY if level == "easy" else _FAMILIES)[domain](_rng(domain, seed))
+    if level == "easy":   # describe, then reason: the thinking opens with the caption pretraining taught
+        ex["thinking"] = ex["caption"] + "\n" + ex["thinking"]
+    return {"id": f"{domain}-{int(seed)}" if level == "standard" else f"{domain}-{level}-{int(seed)}", "domain": domain, "image": ex["image"], "question": ex["question"],
             "caption": ex["caption"], "thinking": ex["thinking"], "answer": ex["answer"],
             "target": format_answer(ex["thinking"], ex["answer"]), "ground_truth": ex["ground_truth"],
             "difficulty_hint": int(ex["difficulty_hint"])}
 
 
-def example_at(index: int, seed: int = 0, domains: Sequence[str] = DOMAINS) -> dict:
-    """Example ``index`` of ``generate(..., seed=seed, domains=domains)`` (domains round robin)."""
-    return make_example(domains[index % len(domains)], example_seed(seed, index))
+def example_at(index: int, seed: int = 0, domains: Sequence[str] = DOMAINS, level: str = "standard") -> dict:
+    """Example ``index`` of ``generate(..., seed=seed, domains=domains, level=level)`` (domains round robin)."""
+    return make_example(domains[index % len(domains)], example_seed(seed, index), level)
 
 
-def generate(n: int, seed: int = 0, domains: Sequence[str] = DOMAINS, start: int = 0) -> Iterator[dict]:
+def generate(n: int, seed: int = 0, domains: Sequence[str] = DOMAINS, start: int = 0,
+             level: str = "standard") -> Iterator[dict]:
     """Examples ``start .. start+n-1``: example ``i`` is ``make_example(domains[i % len(domains)],
     example_seed(seed, i))``, so each one depends only on ``(seed, i)`` and the domain list."""
     domains = tuple(domains)
@@ -283,7 +360,7 @@ def generate(n: int, seed: int = 0, domains: Sequence[str] = DOMAINS, start: int
         if d not in _FAMILIES:
             raise ValueError(f"unknown domain {d!r}; expected some of {DOMAINS}")
     for i in range(start, start + n):
-        yield example_at(i, seed, domains)
+        yield example_at(i, seed, domains, level)
 
 
 def messages(example: dict, *, with_target: bool = True) -> list[dict]:
@@ -311,5 +388,5 @@ def build_tokenizer(path_prefix, n: int = 2000, vocab_size: int = 1024, seed: in
     return train_sentencepiece(corpus(n, seed), path_prefix, vocab_size=vocab_size, **kwargs)
 
 
-__all__ = ["CODE_CHARS", "DOMAINS", "NUMBER_WORDS", "WORDS", "build_tokenizer", "corpus", "example_at", "example_seed",
+__all__ = ["CODE_CHARS", "DOMAINS", "EASY_SIDE", "LETTERS", "LEVELS", "NUMBER_WORDS", "WORDS", "build_tokenizer", "corpus", "example_at", "example_seed",
            "generate", "make_example", "messages"]

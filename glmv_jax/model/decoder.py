@@ -16,7 +16,7 @@ from glmv_jax.model import rope
 from glmv_jax.model.layers import RMSNorm
 from glmv_jax.ops.attention import attention
 from glmv_jax.ops.context import sharded_attention
-from glmv_jax.ops.dense import DEFAULT_INIT, DENSE_OUTPUT, dense
+from glmv_jax.ops.dense import DENSE_OUTPUT, EMBED_INIT, dense
 from glmv_jax.ops.swiglu import swiglu
 from glmv_jax.sharding import constrain, in_mesh, mesh_size
 
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype,
-                              embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
+                              embedding_init=nn.with_logical_partitioning(EMBED_INIT, ("vocab", "embed")))
         layer = DecoderLayer
         if self.remat_policy != "none":
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)

@@ -11,7 +11,16 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Dtype = jnp.dtype
-DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+# Kernels: N(0, 1 / fan_in) (fan_in = the product of the contracted dims; flax's DenseGeneral hands the initializer
+# the flattened (in, out) shape), so a layer keeps the scale of its input at any width. A fixed N(0, 0.02) (the
+# reference's `initializer_range`) is this at width 2500 (GLM-4.1V's 4096: 0.0156), but shrinks the signal
+# 0.02 * sqrt(width) per layer in narrow models: 0.14-0.18x at the tiny config's widths 48-80, where the projector's
+# output at init came out 20x below the text embeddings (1.0e-3 vs 0.020 RMS) and stayed blind after training.
+DEFAULT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+# Token embeddings: N(0, 0.2^2), the scale of the projector's output at init under DEFAULT_INIT (RMS 0.19 for the
+# tiny config, 0.23 for small: independent of width), so image and text tokens enter the decoder at one scale
+# (tests/test_init.py). The decoder's first op is an RMSNorm, so only that ratio matters.
+EMBED_INIT = nn.initializers.normal(stddev=0.2)
 DENSE_OUTPUT = "dense"  # the checkpoint name of every dense layer's output (remat policies can save it)
 
 

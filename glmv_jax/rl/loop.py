@@ -37,8 +37,9 @@ from glmv_jax.train.metrics import MetricsWriter, Progress
 class SyntheticPool:
     """The RL prompt pool: synthetic examples 0..n-1 of `seed`, drawn when asked for (a large pool costs no memory)."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, domains: tuple[str, ...] = (), level: str = "standard"):
         self.n, self.seed = n, seed
+        self.families, self.level = tuple(domains) or synthetic.DOMAINS, level
 
     def __len__(self) -> int:
         return self.n
@@ -46,10 +47,10 @@ class SyntheticPool:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n:
             raise KeyError(index)
-        return synthetic.example_at(int(index), seed=self.seed)
+        return synthetic.example_at(int(index), self.seed, self.families, self.level)
 
     def domains(self) -> list[str]:
-        return [synthetic.DOMAINS[i % len(synthetic.DOMAINS)] for i in range(self.n)]
+        return [self.families[i % len(self.families)] for i in range(self.n)]
 
 
 def prompt_pool(cfg: TrainConfig) -> tuple[Any, list[dict]]:
@@ -57,8 +58,7 @@ def prompt_pool(cfg: TrainConfig) -> tuple[Any, list[dict]]:
     (`rl.prompts.JsonlPromptPool`: every line checked here, before any rollout)."""
     rl = cfg.rl
     if cfg.data.source == "synthetic":
-        return (SyntheticPool(rl.prompt_pool, cfg.data.seed),
-                [synthetic.example_at(i, seed=cfg.data.seed + 10_000) for i in range(rl.eval_prompts)])
+        return SyntheticPool(rl.prompt_pool, cfg.data.seed, cfg.data.domains, cfg.data.level), held_out_examples(cfg)
     if cfg.data.source != "jsonl":
         raise ConfigError(f"RL prompts come from data.source synthetic or jsonl, not {cfg.data.source}")
     from glmv_jax.rl.prompts import JsonlPromptPool
@@ -146,7 +146,9 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                                     state_shardings={k: layout.shardings[k] for k in ("step", "params", "opt_state")})
     policy = lambda params: prepare(params, mesh=mesh, config=model, dtype=step_fn.compute_dtype)  # noqa: E731
     reference = None
-    if rl.kl_coef:   # the policy at the start of the RL run: the log-probs the KL term compares against
+    # The policy at the start of the RL run: the log-probs the KL term compares against, and without that term
+    # the `kl_to_start` metric (one more forward pass per update), so a user sees how far the policy moved.
+    if rl.kl_coef or (cfg.train.init_from and has_checkpoint(setup.workdir_path(cfg.train.init_from))):
         start = setup.load_init_params(cfg.train.init_from, model, layout)
         reference = rlcs.make_reference(model, rl, start, setup.compute_dtype_of(cfg))
 
@@ -185,10 +187,16 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
             writer.write(last)
             progress.update()
             progress.log(last)
-            progress.write(f"iteration {it}: reward {last['reward']:.3f}, on-policy |rollout - training log-prob| "
-                           f"mean {last['logp_gap_mean']:.2e} max {last['logp_gap_max']:.2e}")
+            progress.write(f"iteration {it}: reward {last['reward']:.3f}, updated groups {last['updated_groups']}, "
+                           f"clip fraction {last['clip_fraction']:.3f}, KL to start "
+                           f"{last.get('kl_to_start', float('nan')):.4f}, on-policy |rollout - training log-prob| "
+                           f"mean {last.get('logp_gap_mean', float('nan')):.2e} "
+                           f"max {last.get('logp_gap_max', float('nan')):.2e}"
+                           + (f", held-out reward {last['eval_reward']:.3f}" if "eval_reward" in last else ""))
             if it % cfg.checkpoint.every == 0 or it == rl.iterations:
-                checkpointer.save(int(state["step"]), {**state, "rng": rng_key},
+                # keyed by optimizer step, but unique: an iteration whose groups all had equal rewards updates nothing
+                key = max(int(state["step"]), (checkpointer.latest_step() or 0) + 1)
+                checkpointer.save(key, {**state, "rng": rng_key},
                                   loop_state={"iteration": it, "curriculum": curriculum.to_dict()})
     finally:
         progress.close()
@@ -197,6 +205,12 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     print(f"glmv train (rl): {rl.iterations - done} iterations in {time.perf_counter() - started:.0f}s; "
           f"held-out reward {last.get('eval_reward')}", file=sys.stderr)
     return last
+
+
+def held_out_examples(cfg: TrainConfig) -> list[dict]:
+    """The RL run's held-out prompts: synthetic examples 0..eval_prompts-1 of seed data.seed + 10000."""
+    return [synthetic.example_at(i, cfg.data.seed + 10_000, tuple(cfg.data.domains) or synthetic.DOMAINS,
+                                 cfg.data.level) for i in range(cfg.rl.eval_prompts)]
 
 
 def finished_iterations(workdir: str | os.PathLike) -> int:
@@ -208,4 +222,4 @@ def finished_iterations(workdir: str | os.PathLike) -> int:
         return int((checkpointer.restore_loop_state() or {}).get("iteration", 0))
 
 
-__all__ = ["SyntheticPool", "finished_iterations", "offline_pass_rates", "train_rl"]
+__all__ = ["SyntheticPool", "finished_iterations", "held_out_examples", "offline_pass_rates", "train_rl"]

@@ -126,34 +126,31 @@ def group_advantages(rewards_: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return np.where(std > 0, (rewards_ - mean) / (std + eps), 0.0)
 
 
-def evaluate(params, config: GlmvConfig, prompts: Prompts, cfg: RLConfig, tokenizer, batch: int = 32,
-             samples: int = 0, mesh=None) -> dict:
-    """Rollouts on held-out prompts: mean reward overall, by domain, and the share well formatted. Greedy by
-    default; with `samples` > 0, that many answers per prompt sampled as in training (cfg's temperature)."""
-    sampling = sampling_config(cfg, tokenizer, greedy=not samples)
-    rows = np.repeat(np.arange(len(prompts.examples)), max(samples, 1))
-    scores = []
-    for start in range(0, len(rows), batch):
-        index = rows[start:start + batch]
-        out = rollout(params, config, prompts, index, sampling, seed=start, mesh=mesh)
-        texts = responses(out["tokens"], out["lengths"], tokenizer)
-        scores += rewards.score_batch([prompts.examples[i] for i in index], texts)
-    by_domain = defaultdict(list)
-    for s in scores:
-        by_domain[s["domain"]].append(s["reward"])
-    return {"reward": float(np.mean([s["reward"] for s in scores])),
-            "format_ok": float(np.mean([s["format_ok"] for s in scores])),
-            **{f"reward/{d}": float(np.mean(v)) for d, v in sorted(by_domain.items())}}
-
-
 # ------------------------------------------------------------------------------------ update
 
+def policy_tokens(out: dict, sampling: SamplingConfig) -> np.ndarray:
+    """(B, N) bool: the response tokens the policy sampled: within the length, and not the answer opening
+    (`sampling.forced_answer_ids`) the thinking budget forced, which the sampler emits at columns
+    thinking_budget .. thinking_budget + len - 1 of a row whose `forced` is set."""
+    n = out["tokens"].shape[1]
+    mask = np.arange(n)[None] < out["lengths"][:, None]
+    if sampling.thinking_budget is not None:
+        start, forced_ids = sampling.thinking_budget, np.asarray(sampling.forced_answer_ids)
+        stop = min(start + len(forced_ids), n)
+        rows = np.nonzero(out["forced"])[0]
+        match = np.all(out["tokens"][rows, start:stop] == forced_ids[:stop - start], axis=1)
+        mask[rows[match], start:stop] = False
+    return mask
+
+
 def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: np.ndarray,
-                 config: GlmvConfig) -> dict:
+                 config: GlmvConfig, token_mask: np.ndarray | None = None) -> dict:
     """Teacher-forcing rows prompt + response for the policy loss, with old log-probs at the target places.
 
     Row r: the left-padded prompt (T) then its N response tokens. targets[t] = sequence[t + 1];
     the response token k is predicted at column T - 1 + k, where old_logp and the loss mask go.
+    `token_mask` (S, N) (default: the tokens within each length) says which response tokens the loss counts;
+    a row without any adds nothing to it (`grpo_loss` averages over the rows that have tokens).
     """
     inputs = prompts.rows(index)
     s, t = inputs["input_ids"].shape
@@ -165,7 +162,7 @@ def update_batch(prompts: Prompts, index: Sequence[int], out: dict, advantages: 
     targets = np.concatenate([ids[:, 1:], np.zeros((s, 1), np.int32)], axis=1)
     mask = np.zeros((s, t + n), np.float32)
     old = np.zeros((s, t + n), np.float32)
-    mask[:, t - 1:t - 1 + n] = live
+    mask[:, t - 1:t - 1 + n] = live if token_mask is None else token_mask
     old[:, t - 1:t - 1 + n] = out["logprobs"]
     pixels, grid = pad_visual(inputs["pixel_values"], inputs["image_grid_thw"], config.vision)
     return {"input_ids": ids.astype(np.int32), "segment_ids": segment, "mm_token_type_ids": types,
@@ -278,6 +275,26 @@ def make_reference(config: GlmvConfig, cfg: RLConfig, params, compute_dtype=None
     return add_ref_logp
 
 
+def minibatch_rows(keep: Sequence[int], useful: np.ndarray, group_size: int, minibatches: int,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """The rollout rows of groups `keep` (group g: rows g * group_size ..) in `minibatches` shuffled parts, each
+    with an equal share (up to one row) of the rows of `useful` groups (informative: rewards not all equal)."""
+    def rows(groups):
+        return np.array([r for g in groups for r in range(g * group_size, (g + 1) * group_size)], dtype=int)
+
+    split = [np.array_split(rng.permutation(rows(groups)), minibatches)
+             for groups in ([g for g in keep if useful[g]], [g for g in keep if not useful[g]])]
+    return [np.concatenate(parts).astype(int) for parts in zip(*split)]
+
+
+def kl_to_reference(batch: dict) -> float:
+    """KL(policy || start) estimated on the batch's loss tokens, sampled from the policy: the mean of k3 =
+    exp(ref - old) - (ref - old) - 1 with `old_logp` (the rollout policy) and `ref_logp` (the start)."""
+    mask = np.asarray(batch["loss_mask"]) > 0
+    delta = np.asarray(batch["ref_logp"], np.float64)[mask] - np.asarray(batch["old_logp"], np.float64)[mask]
+    return float(np.mean(np.exp(delta) - delta - 1.0)) if delta.size else 0.0
+
+
 def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculum: Curriculum,
               pool, tokenizer, processor: ImageProcessor, rng: np.random.Generator,
               seed: int, reference=None) -> tuple[dict, dict]:
@@ -304,23 +321,30 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     reward = np.array([s["reward"] for s in scores], np.float64).reshape(len(ids), cfg.group_size)
     for example_id, group in zip(ids, reward):
         curriculum.update(example_id, group.tolist())
-    informative = np.mean([is_informative(g) for g in reward])
+    useful = np.array([is_informative(g) for g in reward])
     keep = select_balanced([g.tolist() for g in reward], min(cfg.groups, len(ids)))
     curriculum.end_iteration()
     advantages = group_advantages(reward)
     t_score = time.perf_counter() - t0 - t_rollout
 
-    chosen = np.array([r for g in keep for r in range(g * cfg.group_size, (g + 1) * cfg.group_size)])
-    updates = []
-    batches = [update_batch(prompts, rows[part], {k: v[part] for k, v in out.items()}, advantages.reshape(-1)[part],
-                            config) for part in np.array_split(rng.permutation(chosen), cfg.minibatches)]
-    gap = on_policy_gap(step_fn, state["params"], batches)   # before the first update moves the params
-    for batch in batches:
-        if reference is not None:
-            with step_fn.scope():
-                batch = reference(batch)
-        state, metrics = step_fn(state, batch)
-        updates.append(jax.tree.map(float, metrics))
+    # Groups with equal rewards (no advantage) are dropped from the loss, not averaged in as filler: their rows
+    # stay in the batch (fixed shapes, one compiled update) with no loss tokens, and each mini-batch gets an
+    # equal share of the informative rows. Forced answer openings are not the policy's: masked out too.
+    tokens = policy_tokens(out, sampling_config(cfg, tokenizer)) & np.repeat(useful, cfg.group_size)[:, None]
+    live = [g for g in keep if useful[g]]
+    updates, kls, gap = [], [], {}
+    if live:
+        batches = [update_batch(prompts, rows[part], {k: v[part] for k, v in out.items()},
+                                advantages.reshape(-1)[part], config, token_mask=tokens[part])
+                   for part in minibatch_rows(keep, useful, cfg.group_size, cfg.minibatches, rng)]
+        gap = on_policy_gap(step_fn, state["params"], batches)   # before the first update moves the params
+        for batch in batches:
+            if reference is not None:
+                with step_fn.scope():
+                    batch = reference(batch)
+                kls.append(kl_to_reference(batch))
+            state, metrics = step_fn(state, batch)
+            updates.append(jax.tree.map(float, metrics))
     t_update = time.perf_counter() - t0 - t_rollout - t_score
 
     by_domain = defaultdict(list)
@@ -330,12 +354,13 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     metrics = {
         "reward": float(reward.mean()), **{f"reward/{d}": float(np.mean(v)) for d, v in sorted(by_domain.items())},
         "format_ok": float(np.mean([s["format_ok"] for s in scores])),
-        "balanced_groups": float(informative), "expansion": float(curriculum.expansion), "prompts": len(ids),
+        "balanced_groups": float(useful.mean()), "expansion": float(curriculum.expansion), "prompts": len(ids),
+        "updated_groups": len(live),
         "response_length": float(out["lengths"].mean()), "forced_answers": float(out["forced"].mean()),
-        "clip_fraction": float(np.mean([u["clip_fraction"] for u in updates])),
-        "loss": float(np.mean([u["loss"] for u in updates])),
-        "grad_norm": float(np.mean([u["grad_norm"] for u in updates])),
-        **{k: float(np.mean([u[k] for u in updates])) for k in ("kl", "entropy") if k in updates[0]},
+        **{k: float(np.mean([u[k] for u in updates])) if updates else 0.0
+           for k in ("clip_fraction", "loss", "grad_norm", *(("kl", "entropy") if updates else ())) if
+           not updates or k in updates[0]},
+        **({"kl_to_start": float(np.mean(kls))} if kls else {}),
         **gap, "rollout_s": t_rollout, "score_s": t_score, "update_s": t_update,
         "rollout_tokens_per_s": generated / max(t_rollout, 1e-9),
     }

@@ -90,6 +90,8 @@ SOURCES = ("synthetic", "tfds", "jsonl")
 MODES = ("caption", "sft")
 REMAT_POLICIES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+SYNTHETIC_LEVELS = ("standard", "easy")                           # glmv_jax.data.synthetic.LEVELS
+SYNTHETIC_DOMAINS = ("counting", "arithmetic", "ocr", "grounding")   # glmv_jax.data.synthetic.DOMAINS
 # glmv_jax.ops.attention.CHOICES, named here: a config imports no jax
 ATTENTION_IMPLS = ("auto", "cpu", "xla", "cudnn", "splash")
 
@@ -117,10 +119,15 @@ class DataConfig:
     pack_buffer: int = 16
     workers: int = 0
     shards: int = 0           # pipelines whose batches make the global batch (0: one per host's rows)
+    level: str = "standard"   # synthetic: "standard" or "easy" (`synthetic.make_example`)
+    domains: tuple[str, ...] = ()   # synthetic: the task families, round robin (empty: all four)
 
     def validate(self) -> None:
         choice("data.source", self.source, SOURCES)
         choice("data.mode", self.mode, MODES)
+        choice("data.level", self.level, SYNTHETIC_LEVELS)
+        for domain in self.domains:
+            choice("data.domains", domain, SYNTHETIC_DOMAINS)
         positive("data", self, "seq_len", "batch_size", "vocab_size", "min_pixels", "max_pixels", "pack_buffer")
         non_negative("data", self, "n_train", "n_eval", "pixel_rows", "max_images", "workers", "frame_patches",
                      "shards")
@@ -207,6 +214,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["optimizer"]["freeze"] = list(self.optimizer.freeze)
+        out["data"]["domains"] = list(self.data.domains)
         if self.rl is None:
             out.pop("rl")
         return out
