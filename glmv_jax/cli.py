@@ -189,11 +189,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _simulate_devices(devices: int, *, cpu_only: bool = True) -> None:
     """Simulate `devices` devices on the host CPU (XLA_FLAGS, read when jax first starts its backend, not at
-    import); `cpu_only`: and run on them even where accelerators are (glmv plan)."""
+    import), unless XLA_FLAGS already sets a count (then that one holds: also inherited by every subprocess);
+    `cpu_only`: and run on them even where accelerators are (glmv plan)."""
     import os
 
     flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     if cpu_only:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

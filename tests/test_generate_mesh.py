@@ -66,7 +66,9 @@ def test_prefix_sharing_equals_repeated_rows(model):
     repeated = run(config, params, batch(config, [p for p in prompts(config) for _ in range(g)]), SAMPLED)
     np.testing.assert_array_equal(shared["tokens"], repeated["tokens"])
     np.testing.assert_array_equal(shared["lengths"], repeated["lengths"])
-    np.testing.assert_allclose(shared["logprobs"], repeated["logprobs"], atol=1e-6)
+    # the two prefill batches differ in shape, so XLA may sum in another order: a few float32 ulps of a
+    # log-prob (1.1e-6 relative measured with the fan-in init), within the module tolerance
+    np.testing.assert_allclose(shared["logprobs"], repeated["logprobs"], rtol=1e-5, atol=0)
     assert len({tuple(row) for row in shared["tokens"][:g]}) > 1   # a group's rows sample independently
 
 
