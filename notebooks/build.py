@@ -375,7 +375,7 @@ def finetune():
                          "pixel_rows": 256, "max_images": 16},
                 "train": {"steps": 100, "log_every": 10, "eval_every": 50, "compute_dtype": DTYPE,
                           "compile_cache": str(WORK / "xla_cache")},
-                "optimizer": {"learning_rate": 3e-3, "warmup_steps": 5, "weight_decay": 0.0},
+                "optimizer": {"learning_rate": 1e-3, "warmup_steps": 5, "weight_decay": 0.0},
                 "checkpoint": {"every": 100, "keep": 1},
             })
             print(cfg.to_yaml())
