@@ -34,6 +34,7 @@ from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum, is_informative, select_balanced
 from glmv_jax.shapes import bucket
 from glmv_jax.sharding import shard_batch
+from glmv_jax.train import distributed
 from glmv_jax.train.losses import grpo_loss, token_log_probs
 
 
@@ -229,15 +230,18 @@ class PolicyUpdate:
         self.mesh, self.compute_dtype = mesh, compute_dtype
         kw = dict(config=config, cfg=cfg, compute_dtype=compute_dtype, model_options=model_options)
         step = functools.partial(policy_step, tx=tx, **kw)
+        replicated = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
         out = {} if mesh is None else {"out_shardings": (state_shardings, NamedSharding(mesh, P()))}
         self._step = jax.jit(step, donate_argnums=0, **out)
-        self._log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, **kw)[0])
+        # whole on every device: every process reads them (np.asarray)
+        self._log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, **kw)[0], **replicated)
 
     def scope(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def place(self, batch: dict) -> dict:
-        """A host batch on the mesh: per-row arrays split over data x fsdp, visual inputs replicated."""
+        """A host batch (the same on every process) on the mesh: per-row arrays split over data x fsdp, visual inputs
+        replicated."""
         if self.mesh is None:
             return batch
         placed = {k: v for k, v in batch.items() if v is not None}
@@ -248,9 +252,10 @@ class PolicyUpdate:
         with self.scope():
             return self._step(state, self.place(batch))
 
-    def log_probs(self, params, batch: dict) -> jax.Array:
+    def log_probs(self, params, batch: dict) -> np.ndarray:
+        """Teacher-forced log p(targets) (S, T) of a host batch under `params`, as numpy (on every process)."""
         with self.scope():
-            return self._log_probs(params, self.place(batch))
+            return np.asarray(self._log_probs(params, self.place(batch)))
 
 
 def on_policy_gap(step_fn, params, batches: Sequence[dict]) -> dict:
@@ -259,18 +264,17 @@ def on_policy_gap(step_fn, params, batches: Sequence[dict]) -> dict:
     that sampled them: the sampler and the update must see one policy (the GRPO ratio starts at 1)."""
     total, count, worst = 0.0, 0.0, 0.0
     for batch in batches:
-        gap = np.abs(np.asarray(step_fn.log_probs(params, batch), np.float64) - batch["old_logp"]) * batch["loss_mask"]
+        gap = np.abs(step_fn.log_probs(params, batch).astype(np.float64) - batch["old_logp"]) * batch["loss_mask"]
         total, count, worst = total + gap.sum(), count + batch["loss_mask"].sum(), max(worst, float(gap.max()))
     return {"logp_gap_mean": float(total / max(count, 1.0)), "logp_gap_max": worst}
 
 
-def make_reference(config: GlmvConfig, cfg: RLConfig, params, compute_dtype=None):
+def make_reference(step_fn: PolicyUpdate, params):
     """batch -> the batch with `ref_logp` (S, T): the sampled tokens' log-probs under `params`, the policy at
-    the start of the RL run, which the KL term (`cfg.kl_coef`) keeps the updated policy close to."""
-    log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, config=config, cfg=cfg, compute_dtype=compute_dtype)[0])
-
+    the start of the RL run, which the KL term (`cfg.kl_coef`) keeps the updated policy close to; computed by the
+    update's own forward (`step_fn.log_probs`: its mesh, dtype and model options)."""
     def add_ref_logp(batch: dict) -> dict:
-        return {**batch, "ref_logp": log_probs(params, batch)}
+        return {**batch, "ref_logp": step_fn.log_probs(params, batch)}
 
     return add_ref_logp
 
@@ -307,6 +311,8 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     count = bucket(curriculum.next_prompt_count(cfg.groups), minimum=cfg.groups)
     ids = curriculum.sample(count, rng)
     prompts = make_prompts([pool[i] for i in ids], tokenizer, processor, tokenizer.eos_ids[0])
+    # every process draws the same prompts (seeded curriculum) and runs the same rollouts on the global mesh
+    distributed.check_same("the iteration's prompts", ids, prompts.input_ids, *prompts.grids)
     rows = np.repeat(np.arange(len(ids)), cfg.group_size)
     mesh = getattr(step_fn, "mesh", None)
     # the policy as the sampler runs it: per-layer weights laid out for decoding, in the update's compute dtype
@@ -319,6 +325,7 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     texts = responses(out["tokens"], out["lengths"], tokenizer)
     scores = rewards.score_batch([prompts.examples[r] for r in rows], texts)
     reward = np.array([s["reward"] for s in scores], np.float64).reshape(len(ids), cfg.group_size)
+    distributed.check_same("the rollouts' rewards", reward)   # each process scored every row of the same rollouts
     for example_id, group in zip(ids, reward):
         curriculum.update(example_id, group.tolist())
     useful = np.array([is_informative(g) for g in reward])
@@ -340,8 +347,7 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
         gap = on_policy_gap(step_fn, state["params"], batches)   # before the first update moves the params
         for batch in batches:
             if reference is not None:
-                with step_fn.scope():
-                    batch = reference(batch)
+                batch = reference(batch)
                 kls.append(kl_to_reference(batch))
             state, metrics = step_fn(state, batch)
             updates.append(jax.tree.map(float, metrics))

@@ -1,0 +1,127 @@
+"""RLCS as 2 real processes x 4 CPU devices (jax.distributed over gloo, launched by launch/local_multiprocess.sh)
+is the same job as 1 process x 8 devices on the same mesh (fsdp 4 x tensor 2): the same rewards and advantages
+every iteration, the same logged metrics (losses, gradient norms, held-out rewards, ...), and after a restart from
+its finished checkpoint the same next iteration. Hosts that run different configs stop with a clear error.
+
+Each process runs this file as a script (`main`): the RL run of test_rl_mesh.py, with its stand-in reward (a
+random model earns no verifier reward) and its spy on the advantages, written to seen_<process>.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glmv_jax.train.config import MeshConfig
+from glmv_jax.train.metrics import read_jsonl
+from test_rl_loop import rl_config, sft_folder  # noqa: F401  (the fixture)
+from test_rl_mesh import run
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = ("rollout_s", "score_s", "update_s", "rollout_tokens_per_s")
+GAPS = ("logp_gap_mean", "logp_gap_max")   # float noise itself (~5e-7): bounded, not compared
+
+
+def main(config: str, workdir: str, other_config: str | None = None) -> None:
+    """One process of the job: join it, run RLCS (process 1 runs `other_config` if given), write what it saw."""
+    from glmv_jax.train import distributed
+
+    distributed.initialize()
+    import jax
+
+    from glmv_jax.train.config import load_train_config
+
+    mine = other_config if other_config and jax.process_index() == 1 else config
+    with pytest.MonkeyPatch.context() as patch:
+        seen, _ = run(load_train_config(mine, []), Path(workdir), patch)
+    (Path(workdir) / f"seen_{jax.process_index()}.json").write_text(
+        json.dumps([[r.tolist(), a.tolist()] for r, a in seen]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(workdir: Path, *configs: Path) -> tuple[int, str]:
+    """`main` as 2 processes x 4 CPU devices; (exit status, output)."""
+    env = {**os.environ, "PROCESSES": "2", "DEVICES_PER_PROCESS": "4", "PORT": str(free_port()),
+           "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    command = ["bash", str(ROOT / "launch/local_multiprocess.sh"), sys.executable, __file__, str(configs[0]),
+               str(workdir), *map(str, configs[1:])]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    return out.returncode, out.stdout + out.stderr
+
+
+def write_config(cfg, path: Path) -> Path:
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def assert_same_metrics(got: list[dict], want: list[dict], rtol: float = 1e-5) -> float:
+    """Every logged value but the timings and the on-policy gaps equal within `rtol` (relative; 1e-7 absolute near
+    0: a loss of ~1e-7 at ratio 1); the gaps below 1e-5 on both. Returns the largest relative difference."""
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    worst = 0.0
+    for g, w in zip(got, want):
+        assert sorted(g) == sorted(w), (sorted(g), sorted(w))
+        assert all(g[k] <= 1e-5 and w[k] <= 1e-5 for k in GAPS if k in w), (g, w)
+        for key in (k for k in w if k not in TIMING + GAPS):
+            a, b = float(g[key]), float(w[key])
+            if np.isnan(b):
+                assert np.isnan(a), (w["step"], key, a)
+                continue
+            assert abs(a - b) <= rtol * abs(b) + 1e-7, (w["step"], key, a, b)
+            worst = max(worst, abs(a - b) / abs(b) if b else 0.0)
+    return worst
+
+
+@pytest.mark.slow
+def test_rl_on_two_processes_equals_one_process(sft_folder, tmp_path, monkeypatch):  # noqa: F811
+    cfg = dataclasses.replace(rl_config(sft_folder, iterations=2, groups=2, group_size=4, max_new_tokens=10,
+                                        eval_every=2, eval_prompts=2), mesh=MeshConfig(fsdp=4, tensor=2))
+    one, one_metrics = run(cfg, tmp_path / "one", monkeypatch)      # this process: 8 devices (conftest.py)
+    assert any(np.abs(a).sum() > 0 for _, a in one)   # some group had a reward spread: the updates did something
+
+    two = tmp_path / "two"
+    code, log = two_processes(two, write_config(cfg, tmp_path / "rl.yaml"))
+    assert code == 0, log[-4000:]
+    for process in (0, 1):
+        seen = json.loads((two / f"seen_{process}.json").read_text())
+        assert len(seen) == len(one) == 2
+        for (r2, a2), (r1, a1) in zip(seen, one):
+            np.testing.assert_array_equal(np.array(r2), r1)
+            np.testing.assert_array_equal(np.array(a2), a1)
+    worst = assert_same_metrics(read_jsonl(two / "metrics.jsonl"), one_metrics)
+
+    # a restart from the finished checkpoint goes on with the same third iteration on both (rl.iterations 3)
+    more = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, iterations=3))
+    run(more, tmp_path / "one", monkeypatch)
+    code, log = two_processes(two, write_config(more, tmp_path / "rl3.yaml"))
+    assert code == 0, log[-4000:]
+    assert f"resumed from {two / 'checkpoints'}" in log
+    worst = max(worst, assert_same_metrics(read_jsonl(two / "metrics.jsonl"), read_jsonl(tmp_path / "one" /
+                                                                                          "metrics.jsonl")))
+    print(json.dumps({"max_rel_metric_diff": worst}))
+
+
+@pytest.mark.slow
+def test_hosts_with_different_configs_stop_with_an_error(sft_folder, tmp_path):  # noqa: F811
+    cfg = rl_config(sft_folder, iterations=1)
+    other = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, prompt_pool=cfg.rl.prompt_pool + 1))
+    code, log = two_processes(tmp_path / "rl", write_config(cfg, tmp_path / "a.yaml"),
+                              write_config(other, tmp_path / "b.yaml"))
+    assert code != 0
+    assert "hosts disagree on the run config and prompts" in log, log[-3000:]
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
