@@ -139,6 +139,7 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     eval_prompts = benchmark.encode_prompts(benchmark.items_from_examples(held_out), tokenizer, model, processor)
     distributed.check_same("the run config and prompts", cfg.to_yaml(), str(len(pool)),   # before any collective
                            *(np.asarray(p.input_ids) for p in eval_prompts))
+    distributed.check_same("whether the workdir holds a checkpoint to resume from", str(resuming))
 
     # ------------------------------------------------------------------------------- params and state
     layout = setup.state_layout(model, cfg, mesh)

@@ -4,6 +4,11 @@ the most balanced groups -> several GRPO (clip-higher) mini-batch updates.
 
 The sampler reads the trainer's current params directly (no host copy). Log-probs are those of
 softmax(logits / temperature) for both the rollout and the update, so the ratio starts at 1.
+
+On several processes every process runs this same host code on the same values: the rollouts come back whole
+to each (the sampler replicates its outputs), each scores every row, and `PolicyUpdate` places the update batches
+from them (`sharding.shard_batch`: each process keeps its devices' shards); the prompts and rewards are compared
+across processes (`distributed.check_same`).
 """
 from __future__ import annotations
 
