@@ -50,6 +50,26 @@ def main(workdir: str, *phases: str) -> None:
             json.dumps([[r.tolist(), a.tolist()] for r, a in seen]))
 
 
+def score_main(out: str) -> None:
+    """One process of the scoring check: `rlcs.score` of 7 rows (4 scored here or 3 there) against every row scored
+    in this process alone."""
+    from glmv_jax.train import distributed
+
+    distributed.initialize()
+    import jax
+
+    from glmv_jax.data import synthetic
+    from glmv_jax.rl import rewards, rlcs
+
+    examples = [synthetic.example_at(i, seed=5) for i in range(7)]
+    texts = [e["target"] if i % 3 else "<answer>no</answer>" for i, e in enumerate(examples)]
+    shared = rlcs.score(examples, texts)
+    alone = rewards.score_batch(examples, texts)
+    assert [(s["reward"], s["format_ok"], s["domain"]) for s in shared] == \
+        [(s["reward"], s["format_ok"], s["domain"]) for s in alone]
+    (Path(out) / f"scored_{jax.process_index()}.json").write_text(json.dumps([s["reward"] for s in shared]))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +82,7 @@ def two_processes(workdir: Path, *phases: str) -> tuple[int, str]:
            "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     command = ["bash", str(ROOT / "launch/local_multiprocess.sh"), sys.executable, __file__, str(workdir), *phases]
+    workdir.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     return out.returncode, out.stdout + out.stderr
 
@@ -128,5 +149,16 @@ def test_hosts_with_different_configs_stop_with_an_error(sft_folder, tmp_path): 
     assert "DataError: hosts disagree on the run config and prompts" in log, log[-3000:]
 
 
+@pytest.mark.slow
+def test_each_process_scores_its_share_and_all_get_every_reward(tmp_path):
+    code, log = two_processes(tmp_path, "--score")
+    assert code == 0, log[-3000:]
+    got = [json.loads((tmp_path / f"scored_{p}.json").read_text()) for p in (0, 1)]
+    assert got[0] == got[1] and 0 < sum(got[0]) < 7, got
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[2:] == ["--score"]:
+        score_main(sys.argv[1])
+    else:
+        main(*sys.argv[1:])

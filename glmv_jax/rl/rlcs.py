@@ -6,9 +6,9 @@ The sampler reads the trainer's current params directly (no host copy). Log-prob
 softmax(logits / temperature) for both the rollout and the update, so the ratio starts at 1.
 
 On several processes every process runs this same host code on the same values: the rollouts come back whole
-to each (the sampler replicates its outputs), each scores every row, and `PolicyUpdate` places the update batches
-from them (`sharding.shard_batch`: each process keeps its devices' shards); the prompts and rewards are compared
-across processes (`distributed.check_same`).
+to each (the sampler replicates its outputs), each scores its share of the rows and gathers every row's reward
+(`score`), and `PolicyUpdate` places the update batches from them (`sharding.shard_batch`: each process keeps
+its devices' shards); the drawn prompts are compared across processes (`distributed.check_same`).
 """
 from __future__ import annotations
 
@@ -110,6 +110,25 @@ def responses(tokens: np.ndarray, lengths: np.ndarray, tokenizer) -> list[str]:
         else set(tokenizer.eos_ids)
     return [tokenizer.decode([int(t) for t in row[:n] if int(t) not in control], skip_special_tokens=False)
             for row, n in zip(tokens, lengths)]
+
+
+def score(examples: Sequence[dict], texts: Sequence[str]) -> list[dict]:
+    """`rewards.score_batch` of the pairs, the same on every process: on several processes each scores its share of
+    the rows (a contiguous part) and the {"reward", "format_ok", "domain"} of every row are gathered, the rewards'
+    float64 bits unchanged. Each row is scored once, so a verifier's time limit cannot give hosts different rewards."""
+    count, processes = len(texts), jax.process_count()
+    if processes == 1:
+        return rewards.score_batch(examples, texts)
+    per = -(-count // processes)
+    start = min(jax.process_index() * per, count)
+    mine = rewards.score_batch(list(examples[start:start + per]), list(texts[start:start + per]))
+    table = np.zeros((per, 3), np.int32)   # reward (float64 as two int32 words), format_ok
+    table[:len(mine), :2] = np.array([s["reward"] for s in mine], np.float64).view(np.int32).reshape(-1, 2)
+    table[:len(mine), 2] = [s["format_ok"] for s in mine]
+    every = distributed.allgather(table).reshape(-1, 3)[:count]
+    reward = np.ascontiguousarray(every[:, :2]).view(np.float64)[:, 0]
+    return [{"reward": float(r), "format_ok": bool(ok), "domain": e["domain"]}
+            for r, ok, e in zip(reward, every[:, 2], examples)]
 
 
 def rollout(params, config: GlmvConfig, prompts: Prompts, index: Sequence[int], sampling: SamplingConfig, seed: int,
@@ -328,9 +347,8 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     t_rollout = time.perf_counter() - t0
 
     texts = responses(out["tokens"], out["lengths"], tokenizer)
-    scores = rewards.score_batch([prompts.examples[r] for r in rows], texts)
+    scores = score([prompts.examples[r] for r in rows], texts)
     reward = np.array([s["reward"] for s in scores], np.float64).reshape(len(ids), cfg.group_size)
-    distributed.check_same("the rollouts' rewards", reward)   # each process scored every row of the same rollouts
     for example_id, group in zip(ids, reward):
         curriculum.update(example_id, group.tolist())
     useful = np.array([is_informative(g) for g in reward])
