@@ -29,6 +29,8 @@ from test_rl_mesh import run
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = ("rollout_s", "score_s", "update_s", "rollout_tokens_per_s")
 GAPS = ("logp_gap_mean", "logp_gap_max")   # float noise itself (~5e-7): bounded, not compared
+# The GRPO loss is a mean of terms of size |advantage| ~ 1 that cancel to ~1e-3: its float32 rounding is ~1e-7 absolute
+ABSOLUTE = {"loss": 1e-6}
 
 
 def main(workdir: str, *phases: str) -> None:
@@ -93,8 +95,9 @@ def write_config(cfg, path: Path) -> str:
 
 
 def assert_same_metrics(got: list[dict], want: list[dict], rtol: float = 1e-5) -> float:
-    """Every logged value but the timings and the on-policy gaps equal within `rtol` (relative; 1e-7 absolute near
-    0: a loss of ~1e-7 at ratio 1); the gaps below 1e-5 on both. Returns the largest relative difference."""
+    """Every logged value but the timings and the on-policy gaps equal within `rtol` relative (and 1e-7 absolute
+    near 0; the loss within 1e-6 absolute, `ABSOLUTE`); the gaps below 1e-5 on both. Returns the largest relative
+    difference of the values other than the loss."""
     assert [r["step"] for r in got] == [r["step"] for r in want]
     worst = 0.0
     for g, w in zip(got, want):
@@ -105,8 +108,9 @@ def assert_same_metrics(got: list[dict], want: list[dict], rtol: float = 1e-5) -
             if np.isnan(b):
                 assert np.isnan(a), (w["step"], key, a)
                 continue
-            assert abs(a - b) <= rtol * abs(b) + 1e-7, (w["step"], key, a, b)
-            worst = max(worst, abs(a - b) / abs(b) if b else 0.0)
+            assert abs(a - b) <= rtol * abs(b) + ABSOLUTE.get(key, 1e-7), (w["step"], key, a, b)
+            if key not in ABSOLUTE:
+                worst = max(worst, abs(a - b) / abs(b) if b else 0.0)
     return worst
 
 
@@ -114,8 +118,8 @@ def assert_same_metrics(got: list[dict], want: list[dict], rtol: float = 1e-5) -
 def test_rl_on_two_processes_equals_one_process(sft_folder, tmp_path, monkeypatch):  # noqa: F811
     cfg = dataclasses.replace(rl_config(sft_folder, iterations=2, groups=2, group_size=4, max_new_tokens=10,
                                         eval_every=2, eval_prompts=2), mesh=MeshConfig(fsdp=4, tensor=2))
-    more = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, iterations=3))   # the restart: one more
-    phases = [write_config(c, tmp_path / f"rl{c.rl.iterations}.yaml") for c in (cfg, more)]
+    first = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, iterations=1))   # then a restart for the second
+    phases = [write_config(c, tmp_path / f"rl{c.rl.iterations}.yaml") for c in (first, cfg)]
     two = tmp_path / "two"
     started = time.perf_counter()
     code, log = two_processes(two, *phases)
@@ -124,19 +128,20 @@ def test_rl_on_two_processes_equals_one_process(sft_folder, tmp_path, monkeypatc
     two_s = time.perf_counter() - started
 
     # this process, 8 devices (conftest.py), the same mesh: the same two phases
-    one = [run(c, tmp_path / "one", monkeypatch)[0] for c in (cfg, more)]
-    assert any(np.abs(a).sum() > 0 for _, a in one[0])   # some group had a reward spread: the updates did something
+    one = [run(c, tmp_path / "one", monkeypatch)[0] for c in (first, cfg)]
+    assert any(np.abs(a).sum() > 0 for phase in one for _, a in phase)   # a reward spread: the updates did something
     for phase, seen_one in enumerate(one):
         for process in (0, 1):
             seen = json.loads((two / f"seen_{phase}_{process}.json").read_text())
-            assert len(seen) == len(seen_one) == (2, 1)[phase]
+            assert len(seen) == len(seen_one) == 1
             for (r2, a2), (r1, a1) in zip(seen, seen_one):
                 np.testing.assert_array_equal(np.array(r2), r1)
                 np.testing.assert_array_equal(np.array(a2), a1)
     got, want = read_jsonl(two / "metrics.jsonl"), read_jsonl(tmp_path / "one" / "metrics.jsonl")
-    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert [r["step"] for r in got] == [0, 1, 2]
     worst = assert_same_metrics(got, want)
-    print(json.dumps({"max_rel_metric_diff": worst, "two_processes_s": round(two_s, 1)}))
+    loss = max(abs(g["loss"] - w["loss"]) for g, w in zip(got[1:], want[1:]))
+    print(json.dumps({"max_rel_metric_diff": worst, "max_abs_loss_diff": loss, "two_processes_s": round(two_s, 1)}))
 
 
 @pytest.mark.slow
