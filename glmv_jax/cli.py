@@ -280,12 +280,6 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         if cfg.rl is not None:
-            import jax
-
-            if jax.process_count() > 1:
-                from glmv_jax.errors import ConfigError
-                raise ConfigError("RLCS (an rl: section) runs on one process; multi-process jobs train SFT and "
-                                  "pretraining configs")
             from glmv_jax.rl.loop import train_rl
             final = train_rl(cfg, args.workdir)
         else:

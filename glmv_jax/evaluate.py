@@ -63,7 +63,7 @@ from glmv_jax.generate.sampler import sample
 from glmv_jax.generate.weights import prepare
 from glmv_jax.model.glmv import apply, token_inputs
 from glmv_jax.ops.logprobs import token_log_probs
-from glmv_jax.rl import rewards, rlcs
+from glmv_jax.rl import rlcs
 from glmv_jax.rl.config import RLConfig
 from glmv_jax.shapes import bucket
 
@@ -135,8 +135,8 @@ def _answers(weights, config, tokenizer, prompts, rows: list[int], settings: Eva
                         mesh=mesh, **batch_media(part))
         tokens, lengths, forced = (np.asarray(x)[:n] for x in (result.tokens, result.lengths, result.forced))
         texts = rlcs.responses(tokens, lengths, tokenizer)
-        scores = rewards.score_batch([{"domain": p.item.domain, "ground_truth": p.item.answer, "id": p.item.id}
-                                      for p in part[:n]], texts)
+        scores = rlcs.score([{"domain": p.item.domain, "ground_truth": p.item.answer, "id": p.item.id}
+                             for p in part[:n]], texts)   # on several processes each scores its share
         for p, text, row, length, was_forced, score in zip(part, texts, tokens, lengths, forced, scores):
             out.append({"prompt_id": p.item.id, "domain": p.item.domain, "sample": -1, "text": text,
                         "tokens": row[:length].tolist(), "reward": float(score["reward"]),

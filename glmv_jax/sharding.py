@@ -114,13 +114,20 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec(logical))
 
 
+def global_array(value: np.ndarray, sharding) -> jax.Array:
+    """A global array from a host value every process holds in full (each keeps only its shards)."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh, specs: dict[str, Sequence[str | None]]) -> dict[str, jax.Array]:
-    """Place a host batch on the mesh by logical specs, e.g. {"input_ids": ("batch", "length")}."""
+    """Place a host batch on the mesh by logical specs, e.g. {"input_ids": ("batch", "length")}. Every process
+    passes the whole batch (the same values) and keeps its devices' shards (`global_array`)."""
     out = {}
     for key, value in batch.items():
         pspec = spec(specs.get(key, (None,) * np.ndim(value)))
         check_divisible(mesh, np.shape(value), pspec, key)
-        out[key] = jax.device_put(value, NamedSharding(mesh, pspec))
+        out[key] = global_array(value, NamedSharding(mesh, pspec))
     return out
 
 

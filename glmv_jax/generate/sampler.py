@@ -304,8 +304,15 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
         if mesh is not None:
             state = _place_state(state, mesh)
         state = _decode_loop(weights, config, state, sampling, steps_per_call, on_tokens, rows_out)
-    cut = lambda x: x[:rows_out]  # noqa: E731
-    return SampleOutput(cut(state["tokens"]), cut(state["logprobs"]), cut(state["lengths"]), cut(state["forced"]))
+        outputs = _first_rows(tuple(state[k] for k in ("tokens", "logprobs", "lengths", "forced")), rows_out)
+    return SampleOutput(*outputs)
+
+
+@functools.partial(jax.jit, static_argnames="rows")
+def _first_rows(arrays: tuple, rows: int) -> tuple:
+    """The first `rows` rows of each array; on a mesh replicated on every device, so that every process of a
+    multi-process job can read them whole (`np.asarray`): one all-gather of the (B, N) outputs."""
+    return tuple(constrain(x[:rows], (None,) * x.ndim) for x in arrays)
 
 
 def _initial_state(logits, kv, segment, next_pos, length: int, seed: int, sampling: SamplingConfig) -> dict:
@@ -329,7 +336,7 @@ def _decode_loop(weights, config, state, sampling: SamplingConfig, steps_per_cal
         state = decode(weights, config, state, sampling=sampling, steps=steps)
         step = int(state["step"])
         if on_tokens:
-            on_tokens(np.asarray(state["tokens"][:rows, before:step]))
+            on_tokens(np.asarray(_first_rows((state["tokens"][:, before:step],), rows)[0]))
         if step >= n or bool(jnp.all(state["done"])):
             return state
 

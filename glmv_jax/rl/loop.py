@@ -3,8 +3,17 @@
 One readable function: model and tokenizer from `train.init_from` (set up as `glmv train` does,
 train/setup.py), the prompt pool and held-out prompts, an offline pass@k run that seeds the curriculum,
 then iterations of `rlcs.iteration` with metrics, evaluation and checkpoints. Runs on the run's mesh
-(data / fsdp / tensor; one process): the update sharded as the trainer's step, rollouts on the sampler's mesh
-layout (`generate.weights.prepare(mesh=...)`).
+(data / fsdp / tensor): the update sharded as the trainer's step, rollouts on the sampler's mesh layout
+(`generate.weights.prepare(mesh=...)`).
+
+On several processes (a `jax.distributed` job, as `glmv train`; cli.py joins it) RLCS is the same job as on one:
+every process draws the same prompts (seeded pool and curriculum), the rollouts run on the global mesh and come
+back whole to every process (the sampler replicates its outputs), each process scores its share of the rows and
+every row's reward is gathered to all (`rlcs.score`: each row scored once, so a verifier's time limit cannot make
+hosts disagree), and the update batches are placed from the same host values (`sharding.shard_batch`). The
+config, the held-out prompts and each iteration's prompts are compared across processes
+(`distributed.check_same`): hosts that disagree stop with a DataError. Process 0 writes the metrics and run
+files; orbax saves and restores the state across the processes.
 
 A checkpoint holds, beside the train state (keyed by optimizer step), the loop's state as a JSON item of
 the same orbax step: {"iteration", "curriculum"}; a resume continues after that iteration, and
@@ -12,12 +21,12 @@ metrics.jsonl (keyed by iteration) drops the records written after it.
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
 from glmv_jax import benchmark, evaluate
@@ -29,7 +38,7 @@ from glmv_jax.rl import rewards, rlcs
 from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum
 from glmv_jax.data import sources as sources_lib
-from glmv_jax.train import setup
+from glmv_jax.train import distributed, setup
 from glmv_jax.train.config import TrainConfig
 from glmv_jax.train.metrics import MetricsWriter, Progress
 
@@ -79,7 +88,7 @@ def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: RLConfig, toke
         out = rlcs.rollout(params, model, prompts, index, sampling, seed=start * k, group_size=k, mesh=mesh)
         part = np.repeat(index, k)
         texts = rlcs.responses(out["tokens"], out["lengths"], tokenizer)
-        scores = rewards.score_batch([prompts.examples[r] for r in part], texts)
+        scores = rlcs.score([prompts.examples[r] for r in part], texts)
         np.add.at(wins, part, [s["reward"] > 0.5 for s in scores])
     return (wins / k).tolist()
 
@@ -109,10 +118,9 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     workdir = setup.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    main = distributed.is_main()
 
     # ------------------------------------------------------------------------------ model and tokenizer
-    if jax.process_count() > 1:
-        raise ConfigError("RLCS runs in one process (one host's devices) for now")
     mesh, _ = setup.run_mesh(cfg, who="glmv train (rl)")
     if cfg.optimizer.accumulate != 1:
         raise ConfigError("optimizer.accumulate applies to glmv train's micro-batches; an RLCS update takes its "
@@ -123,10 +131,16 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError("an RL run starts from an SFT model: set train.init_from")
     if rl.kl_coef and not cfg.train.init_from:
         raise ConfigError("rl.kl_coef > 0 needs train.init_from (the policy the KL term is measured against)")
-    tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source, None if resuming else cfg.train.init_from)
+    with distributed.main_first("glmv train (rl): tokenizer"):   # process 0 copies it into the workdir
+        tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source,
+                                                     None if resuming else cfg.train.init_from)
     check_rl_mesh(mesh, model, rl)
     pool, held_out = prompt_pool(cfg)   # a bad prompt line is an error here, before any model work
     processor = setup.image_processor(cfg.data, model.vision)
+    eval_prompts = benchmark.encode_prompts(benchmark.items_from_examples(held_out), tokenizer, model, processor)
+    distributed.check_same("the run config and prompts", cfg.to_yaml(), str(len(pool)),   # before any collective
+                           *(np.asarray(p.input_ids) for p in eval_prompts))
+    distributed.check_same("whether the workdir holds a checkpoint to resume from", str(resuming))
 
     # ------------------------------------------------------------------------------- params and state
     layout = setup.state_layout(model, cfg, mesh)
@@ -139,7 +153,8 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
                               "(iteration, curriculum): not an RLCS checkpoint of this version; use a new workdir")
     curriculum = Curriculum.from_dict(saved["curriculum"]) if resuming else None
     done = int(saved["iteration"]) if resuming else 0
-    setup.write_run_files(workdir, cfg, model)
+    if main:
+        setup.write_run_files(workdir, cfg, model)
     options = dict(remat_policy=cfg.train.remat_policy, scan_layers=cfg.train.scan_layers,
                    attention_impl=cfg.train.attention_impl)
     step_fn = rlcs.make_policy_step(model, layout.tx, rl, setup.compute_dtype_of(cfg), mesh=mesh, model_options=options,
@@ -150,13 +165,12 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     # the `kl_to_start` metric (one more forward pass per update), so a user sees how far the policy moved.
     if rl.kl_coef or (cfg.train.init_from and has_checkpoint(setup.workdir_path(cfg.train.init_from))):
         start = setup.load_init_params(cfg.train.init_from, model, layout)
-        reference = rlcs.make_reference(model, rl, start, setup.compute_dtype_of(cfg))
+        reference = rlcs.make_reference(step_fn, start)
 
     # ------------------------------------------------------------------- prompt pool, held-out prompts
-    eval_prompts = benchmark.encode_prompts(benchmark.items_from_examples(held_out), tokenizer, model, processor)
     eval_settings = evaluate.EvalSettings(rl.max_new_tokens, rl.thinking_budget, batch=min(32, len(held_out)))
     rewards.warmup()
-    writer = MetricsWriter(workdir, resume_step=done)   # records are keyed by iteration
+    writer = MetricsWriter(workdir, resume_step=done, enabled=main)   # records are keyed by iteration; process 0
     if curriculum is None:
         if rl.offline_k:
             pool_prompts = rlcs.make_prompts([pool[i] for i in range(len(pool))], tokenizer, processor,
@@ -169,12 +183,13 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
         before = held_out_metrics(policy(state["params"]), model, tokenizer, eval_prompts, eval_settings, mesh)
         writer.write({"step": 0, **{f"eval_{k}": v for k, v in before.items()},
                       "offline_pass_rate": float(np.mean(rates))})
-        print(f"glmv train (rl): before RL, held-out reward {before['reward']:.3f} "
-              f"(offline pass@{rl.offline_k} {np.mean(rates):.3f})", file=sys.stderr)
+        if main:
+            print(f"glmv train (rl): before RL, held-out reward {before['reward']:.3f} "
+                  f"(offline pass@{rl.offline_k} {np.mean(rates):.3f})", file=sys.stderr)
 
     # -------------------------------------------------------------------------------------- iterations
     rng = np.random.default_rng(rl.seed * 1_000_003 + done)
-    progress = Progress(rl.iterations, initial=done)
+    progress = Progress(rl.iterations, initial=done, stream=None if main else io.StringIO())
     last: dict[str, Any] = {}
     try:
         for it in range(done + 1, rl.iterations + 1):
@@ -202,8 +217,9 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
         progress.close()
         writer.close()
         checkpointer.close()
-    print(f"glmv train (rl): {rl.iterations - done} iterations in {time.perf_counter() - started:.0f}s; "
-          f"held-out reward {last.get('eval_reward')}", file=sys.stderr)
+    if main:
+        print(f"glmv train (rl): {rl.iterations - done} iterations in {time.perf_counter() - started:.0f}s; "
+              f"held-out reward {last.get('eval_reward')}", file=sys.stderr)
     return last
 
 

@@ -4,6 +4,11 @@ the most balanced groups -> several GRPO (clip-higher) mini-batch updates.
 
 The sampler reads the trainer's current params directly (no host copy). Log-probs are those of
 softmax(logits / temperature) for both the rollout and the update, so the ratio starts at 1.
+
+On several processes every process runs this same host code on the same values: the rollouts come back whole
+to each (the sampler replicates its outputs), each scores its share of the rows and gathers every row's reward
+(`score`), and `PolicyUpdate` places the update batches from them (`sharding.shard_batch`: each process keeps
+its devices' shards); the drawn prompts are compared across processes (`distributed.check_same`).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum, is_informative, select_balanced
 from glmv_jax.shapes import bucket
 from glmv_jax.sharding import shard_batch
+from glmv_jax.train import distributed
 from glmv_jax.train.losses import grpo_loss, token_log_probs
 
 
@@ -104,6 +110,25 @@ def responses(tokens: np.ndarray, lengths: np.ndarray, tokenizer) -> list[str]:
         else set(tokenizer.eos_ids)
     return [tokenizer.decode([int(t) for t in row[:n] if int(t) not in control], skip_special_tokens=False)
             for row, n in zip(tokens, lengths)]
+
+
+def score(examples: Sequence[dict], texts: Sequence[str]) -> list[dict]:
+    """`rewards.score_batch` of the pairs, the same on every process: on several processes each scores its share of
+    the rows (a contiguous part) and the {"reward", "format_ok", "domain"} of every row are gathered, the rewards'
+    float64 bits unchanged. Each row is scored once, so a verifier's time limit cannot give hosts different rewards."""
+    count, processes = len(texts), jax.process_count()
+    if processes == 1:
+        return rewards.score_batch(examples, texts)
+    per = -(-count // processes)
+    start = min(jax.process_index() * per, count)
+    mine = rewards.score_batch(list(examples[start:start + per]), list(texts[start:start + per]))
+    table = np.zeros((per, 3), np.int32)   # reward (float64 as two int32 words), format_ok
+    table[:len(mine), :2] = np.array([s["reward"] for s in mine], np.float64).view(np.int32).reshape(-1, 2)
+    table[:len(mine), 2] = [s["format_ok"] for s in mine]
+    every = distributed.allgather(table).reshape(-1, 3)[:count]
+    reward = np.ascontiguousarray(every[:, :2]).view(np.float64)[:, 0]
+    return [{"reward": float(r), "format_ok": bool(ok), "domain": e["domain"]}
+            for r, ok, e in zip(reward, every[:, 2], examples)]
 
 
 def rollout(params, config: GlmvConfig, prompts: Prompts, index: Sequence[int], sampling: SamplingConfig, seed: int,
@@ -229,15 +254,18 @@ class PolicyUpdate:
         self.mesh, self.compute_dtype = mesh, compute_dtype
         kw = dict(config=config, cfg=cfg, compute_dtype=compute_dtype, model_options=model_options)
         step = functools.partial(policy_step, tx=tx, **kw)
+        replicated = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
         out = {} if mesh is None else {"out_shardings": (state_shardings, NamedSharding(mesh, P()))}
         self._step = jax.jit(step, donate_argnums=0, **out)
-        self._log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, **kw)[0])
+        # whole on every device: every process reads them (np.asarray)
+        self._log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, **kw)[0], **replicated)
 
     def scope(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def place(self, batch: dict) -> dict:
-        """A host batch on the mesh: per-row arrays split over data x fsdp, visual inputs replicated."""
+        """A host batch (the same on every process) on the mesh: per-row arrays split over data x fsdp, visual inputs
+        replicated."""
         if self.mesh is None:
             return batch
         placed = {k: v for k, v in batch.items() if v is not None}
@@ -248,9 +276,10 @@ class PolicyUpdate:
         with self.scope():
             return self._step(state, self.place(batch))
 
-    def log_probs(self, params, batch: dict) -> jax.Array:
+    def log_probs(self, params, batch: dict) -> np.ndarray:
+        """Teacher-forced log p(targets) (S, T) of a host batch under `params`, as numpy (on every process)."""
         with self.scope():
-            return self._log_probs(params, self.place(batch))
+            return np.asarray(self._log_probs(params, self.place(batch)))
 
 
 def on_policy_gap(step_fn, params, batches: Sequence[dict]) -> dict:
@@ -259,18 +288,17 @@ def on_policy_gap(step_fn, params, batches: Sequence[dict]) -> dict:
     that sampled them: the sampler and the update must see one policy (the GRPO ratio starts at 1)."""
     total, count, worst = 0.0, 0.0, 0.0
     for batch in batches:
-        gap = np.abs(np.asarray(step_fn.log_probs(params, batch), np.float64) - batch["old_logp"]) * batch["loss_mask"]
+        gap = np.abs(step_fn.log_probs(params, batch).astype(np.float64) - batch["old_logp"]) * batch["loss_mask"]
         total, count, worst = total + gap.sum(), count + batch["loss_mask"].sum(), max(worst, float(gap.max()))
     return {"logp_gap_mean": float(total / max(count, 1.0)), "logp_gap_max": worst}
 
 
-def make_reference(config: GlmvConfig, cfg: RLConfig, params, compute_dtype=None):
+def make_reference(step_fn: PolicyUpdate, params):
     """batch -> the batch with `ref_logp` (S, T): the sampled tokens' log-probs under `params`, the policy at
-    the start of the RL run, which the KL term (`cfg.kl_coef`) keeps the updated policy close to."""
-    log_probs = jax.jit(lambda p, b: sequence_log_probs(p, b, config=config, cfg=cfg, compute_dtype=compute_dtype)[0])
-
+    the start of the RL run, which the KL term (`cfg.kl_coef`) keeps the updated policy close to; computed by the
+    update's own forward (`step_fn.log_probs`: its mesh, dtype and model options)."""
     def add_ref_logp(batch: dict) -> dict:
-        return {**batch, "ref_logp": log_probs(params, batch)}
+        return {**batch, "ref_logp": step_fn.log_probs(params, batch)}
 
     return add_ref_logp
 
@@ -307,6 +335,8 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     count = bucket(curriculum.next_prompt_count(cfg.groups), minimum=cfg.groups)
     ids = curriculum.sample(count, rng)
     prompts = make_prompts([pool[i] for i in ids], tokenizer, processor, tokenizer.eos_ids[0])
+    # every process draws the same prompts (seeded curriculum) and runs the same rollouts on the global mesh
+    distributed.check_same("the iteration's prompts", ids, prompts.input_ids, *prompts.grids)
     rows = np.repeat(np.arange(len(ids)), cfg.group_size)
     mesh = getattr(step_fn, "mesh", None)
     # the policy as the sampler runs it: per-layer weights laid out for decoding, in the update's compute dtype
@@ -317,7 +347,7 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
     t_rollout = time.perf_counter() - t0
 
     texts = responses(out["tokens"], out["lengths"], tokenizer)
-    scores = rewards.score_batch([prompts.examples[r] for r in rows], texts)
+    scores = score([prompts.examples[r] for r in rows], texts)
     reward = np.array([s["reward"] for s in scores], np.float64).reshape(len(ids), cfg.group_size)
     for example_id, group in zip(ids, reward):
         curriculum.update(example_id, group.tolist())
@@ -340,8 +370,7 @@ def iteration(state: dict, step_fn, config: GlmvConfig, cfg: RLConfig, curriculu
         gap = on_policy_gap(step_fn, state["params"], batches)   # before the first update moves the params
         for batch in batches:
             if reference is not None:
-                with step_fn.scope():
-                    batch = reference(batch)
+                batch = reference(batch)
                 kls.append(kl_to_reference(batch))
             state, metrics = step_fn(state, batch)
             updates.append(jax.tree.map(float, metrics))

@@ -9,6 +9,8 @@ On CPU, processes exchange collectives through gloo.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from typing import Sequence
@@ -45,6 +47,16 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def main_first(name: str):
+    """Process 0 runs the block before the others do (e.g. it writes a file in the workdir that they then read)."""
+    if not is_main():
+        sync(name)
+    yield
+    if is_main():
+        sync(name)
 
 
 def host_rows(mesh, batch_size: int) -> tuple[int, int]:
@@ -97,6 +109,26 @@ def allgather(values) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values))
 
 
+def check_same(what: str, *values) -> None:
+    """DataError unless every process passes equal `values` (strings and arrays, compared by a hash: one small
+    allgather), so hosts that disagree (other prompt files, configs, rewards) stop with a message instead of
+    computing different things or hanging in a collective. A no-op for one process."""
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256()
+    for value in values:
+        if isinstance(value, str):
+            digest.update(value.encode())
+        else:
+            value = np.ascontiguousarray(value)
+            digest.update(f"{value.dtype}{value.shape}".encode() + value.tobytes())
+    every = allgather(np.frombuffer(digest.digest()[:16], np.int32))
+    differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+    if differ:
+        raise DataError(f"hosts disagree on {what}: process {differ[0]}'s differs from process 0's; every process "
+                        "must run the same config on the same files")
+
+
 def check_same_shapes(batch: dict[str, np.ndarray]) -> None:
     """DataError naming the array unless every process's part of the batch has the same shapes (a mismatch
     would hang the first collective)."""
@@ -112,11 +144,6 @@ def check_same_shapes(batch: dict[str, np.ndarray]) -> None:
                 raise DataError(f"hosts disagree on the batch shapes: {key} is {shapes[k]} on process "
                                 f"{jax.process_index()} but {theirs} on process {p}; fix the visual budgets "
                                 "(data.pixel_rows, data.max_images, data.frame_patches) so every host pads to them")
-
-
-def global_array(value: np.ndarray, sharding) -> jax.Array:
-    """A global array from a host value every process holds in full (each keeps only its shards)."""
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def self_check(mesh_sizes: dict[str, int] | None = None, seed: int = 0) -> dict:
@@ -141,8 +168,7 @@ def self_check(mesh_sizes: dict[str, int] | None = None, seed: int = 0) -> dict:
     with jax.set_mesh(mesh):
         shardings = param_shardings(config, mesh)
         params = jax.jit(lambda: init_params(config, seed), out_shardings=shardings)()
-        placed = {k: global_array(v, jax.sharding.NamedSharding(mesh, mesh_lib.spec(specs[k])))
-                  for k, v in batch.items()}
+        placed = mesh_lib.shard_batch(batch, mesh, specs)
         loss_grad = jax.jit(jax.value_and_grad(lambda p, x: batch_loss(p, config, x)[0]))
         loss, grads = loss_grad(params, placed)
         norm = jax.jit(lambda g: jax.numpy.sqrt(sum(jax.numpy.sum(x * x) for x in jax.tree.leaves(g))))(grads)

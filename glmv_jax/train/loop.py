@@ -70,12 +70,9 @@ def train(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     mesh, _ = setup.run_mesh(cfg)
     train_source, eval_source = sources_lib.make_sources(cfg.data)
     resuming = has_checkpoint(workdir)
-    if not main:
-        distributed.sync("glmv train: tokenizer")  # process 0 trains the tokenizer (data.tokenizer = synthetic)
-    tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source,
-                                                 None if resuming else cfg.train.init_from)
-    if main:
-        distributed.sync("glmv train: tokenizer")
+    with distributed.main_first("glmv train: tokenizer"):  # process 0 trains the tokenizer (data.tokenizer = synthetic)
+        tokenizer, model = setup.tokenizer_and_model(cfg, workdir, train_source,
+                                                     None if resuming else cfg.train.init_from)
     check_model(model, mesh)
     mesh_lib.check_batch(mesh, cfg.data.batch_size, cfg.data.seq_len)
 
