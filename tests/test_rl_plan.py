@@ -9,7 +9,7 @@ import pytest
 from glmv_jax.errors import ConfigError
 from glmv_jax.generate import sampler
 from glmv_jax.generate.weights import prepare
-from glmv_jax.rl import config as _rl_config  # noqa: F401  (registers the rl: section)
+import glmv_jax.rl.config  # noqa: F401  (registers the rl: section)
 from glmv_jax.rl.plan import iteration_shapes, plan_rl, rollout_sampling
 from glmv_jax.train import setup
 from glmv_jax.train.config import load_train_config

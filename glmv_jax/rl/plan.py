@@ -159,47 +159,54 @@ def plan_rl(cfg, devices: int, hosts: int = 1, model: GlmvConfig | None = None, 
     model = model or planned_model(cfg)
     check_rl_mesh(mesh, model, rl)
     shapes = iteration_shapes(cfg, model, prompt_tokens=prompt_tokens, prompts=prompts)
-    layout, compute = setup.state_layout(model, cfg, mesh), setup.compute_dtype_of(cfg)
-    step_state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s),
-                              {k: layout.abstract_state[k] for k in ("step", "params", "opt_state")},
-                              {k: layout.shardings[k] for k in ("step", "params", "opt_state")})
-    shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    params_bytes = per_device_bytes(step_state["params"], shardings_of(step_state["params"]))
-    opt_bytes = per_device_bytes(step_state["opt_state"], shardings_of(step_state["opt_state"]))
-    state_bytes = per_device_bytes(step_state, shardings_of(step_state))
-    reference = params_bytes if (rl.kl_coef or cfg.train.init_from) else 0.0
-    weights = prepared_shapes(layout.abstract_params, mesh=mesh, config=model, dtype=compute)
-    weights_bytes = per_device_bytes(weights, shardings_of(weights))
-    sampling = rollout_sampling(rl, model)
-
+    layout = setup.state_layout(model, cfg, mesh)
+    keys = ("step", "params", "opt_state")
+    state = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), {k: layout.abstract_state[k] for k in keys},
+                         {k: layout.shardings[k] for k in keys})
+    weights = prepared_shapes(layout.abstract_params, mesh=mesh, config=model, dtype=setup.compute_dtype_of(cfg))
     start = time.perf_counter()
-    rollout = rollout_programs(model, mesh, weights, shapes, sampling, rl.group_size)
-    lowered = policy_update(cfg, model, layout, mesh).lower(step_state, update_batch_shapes(model, mesh, shapes,
-                                                                                           bool(rl.kl_coef)))
-    update, log_probs = lowered["update"].compile(), lowered["log_probs"].compile()
+    programs = rollout_programs(model, mesh, weights, shapes, rollout_sampling(rl, model), rl.group_size)
+    batch = update_batch_shapes(model, mesh, shapes, bool(rl.kl_coef))
+    programs.update({k: x.compile() for k, x in policy_update(cfg, model, layout, mesh).lower(state, batch).items()})
     compile_s = time.perf_counter() - start
+    sizes_of = {name: _device_bytes(tree) for name, tree in (("state", state), ("params", state["params"]),
+                                                            ("opt_state", state["opt_state"]), ("weights", weights),
+                                                            ("kv", programs["state"]["kv"]))}
+    # the reference policy: kept by the loop with rl.kl_coef, and for the kl_to_start metric with train.init_from
+    sizes_of["reference"] = sizes_of["params"] if (rl.kl_coef or cfg.train.init_from) else 0.0
+    return _iteration_plan(cfg, model, sizes, shapes, programs, sizes_of, compile_s, hosts)
 
-    kv_bytes = per_device_bytes(rollout["state"]["kv"], shardings_of(rollout["state"]["kv"]))
-    resident = {"prefill": state_bytes + reference, "expand": state_bytes + reference + weights_bytes,
-                "decode": state_bytes + reference}
-    need = {name: program_bytes(rollout[name].memory_analysis()) + extra for name, extra in resident.items()
-            if name in rollout}
+
+def _device_bytes(tree) -> float:
+    """Bytes one device holds of the ShapeDtypeStructs of `tree`, placed as their shardings say."""
+    return per_device_bytes(tree, jax.tree.map(lambda x: x.sharding, tree))
+
+
+def _iteration_plan(cfg, model: GlmvConfig, sizes: dict, shapes: Shapes, programs: dict, held: dict,
+                    compile_s: float, hosts: int) -> Plan:
+    """The Plan of one iteration: each program's XLA total plus what stays resident beside it (`held`: bytes per
+    device of the train state, its params and optimizer state, the inference weights, the KV caches, the
+    reference policy); its total is the largest."""
+    rl, ref = cfg.rl, held["reference"]
+    resident = {"prefill": held["state"] + ref, "expand": held["state"] + ref + held["weights"],
+                "decode": held["state"] + ref}
+    need = {name: program_bytes(programs[name].memory_analysis()) + extra for name, extra in resident.items()
+            if name in programs}
     largest = max(need, key=need.get)
-    update_peak = program_bytes(update.memory_analysis()) + reference
-    forward_peak = program_bytes(log_probs.memory_analysis()) + state_bytes - params_bytes + reference
-    peak = max(need[largest], update_peak, forward_peak)
-    found = {f"{name}: {op}": counted for name, program in (("prefill", rollout["prefill"]),
-                                                             ("decode", rollout["decode"]), ("update", update))
-             for op, counted in collectives(program.as_text()).items()}
+    update, temp = programs["update"], lambda name: float(programs[name].memory_analysis().temp_size_in_bytes)
+    update_peak = program_bytes(update.memory_analysis()) + ref
+    forward_peak = program_bytes(programs["log_probs"].memory_analysis()) + held["state"] - held["params"] + ref
+    found = {f"{name}: {op}": counted for name in ("prefill", "decode", "update")
+             for op, counted in collectives(programs[name].as_text()).items()}
     cost = update.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     rows, length = shapes.update_rows, shapes.update_len
-    parts = ((("reference policy (f32 params of the run's start, resident)", reference),) if reference else ()) + (
-        (f"inference weights ({jnp.dtype(compute or jnp.float32).name} copy, split over tensor only)", weights_bytes),
-        (f"KV caches ({shapes.rows} rows x {shapes.cache_size} slots)", kv_bytes),
-        (f"rollout temporaries (XLA, {largest} program)", float(rollout[largest].memory_analysis().temp_size_in_bytes)),
+    parts = ((("reference policy (f32 params of the run's start, resident)", ref),) if ref else ()) + (
+        (f"inference weights ({cfg.train.compute_dtype} copy, split over tensor only)", held["weights"]),
+        (f"KV caches ({shapes.rows} rows x {shapes.cache_size} slots)", held["kv"]),
+        (f"rollout temporaries (XLA, {largest} program)", temp(largest)),
         (f"rollout peak (train state + reference + {largest})", need[largest]),
-        ("update: activations + temporaries (XLA)", float(update.memory_analysis().temp_size_in_bytes)),
+        ("update: activations + temporaries (XLA)", temp("update")),
         ("update peak (XLA total + reference)", update_peak),
         ("log-prob forward peak (on-policy check / reference log-probs)", forward_peak))
     setting = (f"one RLCS iteration: rollout of {shapes.prompts} prompts x {rl.group_size} = {shapes.rows} rows "
@@ -207,8 +214,8 @@ def plan_rl(cfg, devices: int, hosts: int = 1, model: GlmvConfig | None = None, 
                f"{rl.max_new_tokens} new tokens, {shapes.cache_size} KV slots), then {rl.minibatches} updates of "
                f"{rows} rows x {length} tokens (the batch and step below are one mini-batch update); remat "
                f"{cfg.train.remat_policy}, compute {cfg.train.compute_dtype}, params float32 ({hosts} host(s))")
-    return Plan(sizes, length, rows, shapes.image_patches // model.vision.spatial_merge_size ** 2, params_bytes,
-                opt_bytes, float(update.memory_analysis().temp_size_in_bytes), peak,
+    return Plan(sizes, length, rows, shapes.image_patches // model.vision.spatial_merge_size ** 2, held["params"],
+                held["opt_state"], temp("update"), max(need[largest], update_peak, forward_peak),
                 model_flops(model, rows * length, rows * shapes.image_patches, length, rows),
                 float(cost.get("flops", 0.0)), found, compile_s, setting=setting, parts=parts,
                 total_label="iteration peak (the largest of the three)")
