@@ -201,7 +201,8 @@ def _simulate_devices(devices: int, *, cpu_only: bool = True) -> None:
 
 
 def _plan_train_config(args: argparse.Namespace) -> int:
-    """`glmv plan --train-config X.yaml --slice v5p-64 | --devices N [--search]`: the step glmv train runs."""
+    """`glmv plan --train-config X.yaml --slice v5p-64 | --devices N [--search]`: the step glmv train runs (with an
+    `rl:` section, one RLCS iteration: rl/plan.py)."""
     import glmv_jax.rl.config  # noqa: F401  (registers the `rl:` section of training configs)
     from glmv_jax.errors import ConfigError, GlmvError
     from glmv_jax.train.config import load_train_config
@@ -215,14 +216,16 @@ def _plan_train_config(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("glmv plan --train-config needs --slice (e.g. v5p-64) or --devices N")
     _simulate_devices(devices)
+    from glmv_jax.rl.plan import plan_rl
     from glmv_jax.train.plan import plan_run, planned_model, report, smallest_slices
 
     model = planned_model(cfg, args.workdir)
 
     while True:
-        print(f"compiling the train step of {args.train_config} on {devices} simulated devices ({hosts} host(s)) ...",
-              file=sys.stderr)
-        result = plan_run(cfg, devices, hosts, model)
+        print(f"compiling {'one RLCS iteration' if cfg.rl else 'the train step'} of {args.train_config} on {devices} "
+              f"simulated devices ({hosts} host(s)) ...", file=sys.stderr)
+        result = (plan_run(cfg, devices, hosts, model) if cfg.rl is None else
+                  plan_rl(cfg, devices, hosts, model, prompt_tokens=args.prompt_tokens, prompts=args.rollout_prompts))
         print(report(result), flush=True)
         half = devices // 2
         if not (args.search and smallest_slices(result) and half >= 1):
@@ -381,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="with --train-config: the run folder whose model (config.json) "
                                                    "to plan (a tokenizer trained there sets its vocabulary)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="with --train-config: config overrides")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="with an rl: config: tokens per prompt, its "
+                   "image included (default: one data.max_pixels image's visual tokens + 512)")
+    p.add_argument("--rollout-prompts", type=int, default=None, help="with an rl: config: prompts rolled out "
+                   "(default: rl.groups x the curriculum's largest expansion, 4)")
     p.add_argument("--config", default=None, help="model config: preset name, YAML or HF config.json")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=1,context=4,tensor=2")
     p.add_argument("--seq", type=int, default=None)

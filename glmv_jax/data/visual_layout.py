@@ -32,7 +32,7 @@ batches in (and the trainer's budgets then only pad those further). A batch abov
 program compiles); with ``strict=True`` that is a :class:`DataError` instead (the same shapes on every host).
 A frame larger than ``frame_patches`` is always a DataError.
 
-:func:`abstract_shapes` gives fixed mode's shapes from counts alone (the AOT plan).
+:func:`abstract_shapes` gives fixed mode's shapes from counts alone (the AOT plan), :func:`bucket_shapes` bucket mode's.
 
 **blocks** (:func:`layout_blocks`; the trainer, on one or many hosts): a batch's rows are cut into S equal
 groups, one per shard of the batch over the mesh's (data, fsdp) axes, and each group's images are laid out
@@ -74,7 +74,7 @@ class VisualBudgets:
         """ConfigError unless ``frame_patches`` (when set) is a multiple of the merge unit and holds the largest
         image ``max_pixels`` (the processor's limit) allows."""
         unit = vision.spatial_merge_size ** 2
-        largest = max_pixels // (vision.temporal_patch_size * vision.patch_size ** 2)  # patches of the largest image
+        largest = image_patches(vision, max_pixels)
         if self.frame_patches and (self.frame_patches < largest or self.frame_patches % unit):
             raise ConfigError(f"data.frame_patches = {self.frame_patches} must be a multiple of {unit} and hold the "
                               f"largest image data.max_pixels allows ({largest} patches)")
@@ -87,6 +87,12 @@ class Layout(NamedTuple):
     pixels: np.ndarray
     grids: np.ndarray
     overflow: dict[str, str]
+
+
+def image_patches(vision: VisionConfig, max_pixels: int) -> int:
+    """Patches of the largest image the processor's ``max_pixels`` allows (it counts the pixels of the 2-frame
+    clip, as transformers does)."""
+    return max_pixels // (vision.temporal_patch_size * vision.patch_size ** 2)
 
 
 def frame_sizes(grids) -> np.ndarray:
@@ -198,18 +204,27 @@ def frame_pixels(pixels: np.ndarray, grid: np.ndarray, frames: int, width: int) 
 
 
 # ------------------------------------------------------------------------------------------- the modes
+def bucket_shapes(vision: VisionConfig, sizes, images: int) -> dict[str, tuple[int, ...]]:
+    """Bucket mode's ``{"pixel_values": shape, "image_grid_thw": shape}`` for ``images`` grids whose frame pairs
+    hold ``sizes`` patches (in order): framed (F, W, patch_dim) when cheaper, else flat (N, patch_dim)."""
+    unit = vision.spatial_merge_size ** 2
+    sizes = np.asarray(sizes, np.int64)
+    flat = flat_rows(int(sizes.sum()), vision)
+    frames, width = pow2(len(sizes)), round_up(pow2(max(int(sizes.max(initial=0)), 16)), unit)
+    per_patch = 2 * vision.hidden_size + 1.5 * vision.intermediate_size
+    framed = len(sizes) > 1 and frames * width * (per_patch + width) < flat * (per_patch + flat)
+    pixels = (frames, width, vision.patch_dim) if framed else (flat, vision.patch_dim)
+    return {"pixel_values": pixels, "image_grid_thw": (pow2(images), 3)}
+
+
 def _bucketed(pixels: np.ndarray, grid: np.ndarray, vision: VisionConfig) -> Layout:
     """Bucket mode: the cheaper of the two layouts, padded to shape buckets (module doc)."""
-    unit = vision.spatial_merge_size ** 2
-    sizes = frame_sizes(grid)  # patches per frame pair, in order
-    rows = int(sizes.sum())
-    flat = flat_rows(rows, vision)
-    frames, width = pow2(len(sizes)), round_up(pow2(max(int(sizes.max(initial=0)), 16)), unit)
-    grid = _pad_grids(grid, pow2(len(grid)))
-    per_patch = 2 * vision.hidden_size + 1.5 * vision.intermediate_size
-    if len(sizes) > 1 and frames * width * (per_patch + width) < flat * (per_patch + flat):
+    shapes = bucket_shapes(vision, frame_sizes(grid), len(grid))
+    grid = _pad_grids(grid, shapes["image_grid_thw"][0])
+    if len(shapes["pixel_values"]) == 3:
+        frames, width, _ = shapes["pixel_values"]
         return Layout(frame_pixels(pixels, grid, frames, width), grid, {})
-    return Layout(_pad_rows(pixels, flat), grid, {})
+    return Layout(_pad_rows(pixels, shapes["pixel_values"][0]), grid, {})
 
 
 def _fixed_shapes(vision: VisionConfig, b: VisualBudgets, *, images: int, frames: int, patches: int,
@@ -256,5 +271,5 @@ def _pad_rows(pixels: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-__all__ = ["Layout", "VisualBudgets", "abstract_shapes", "flat_rows", "frame_pixels", "frame_sizes", "layout",
-           "layout_blocks", "pad_visual", "split_blocks"]
+__all__ = ["Layout", "VisualBudgets", "abstract_shapes", "bucket_shapes", "flat_rows", "frame_pixels", "frame_sizes",
+           "image_patches", "layout", "layout_blocks", "pad_visual", "split_blocks"]

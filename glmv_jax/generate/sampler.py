@@ -199,25 +199,30 @@ def check_mesh(config: GlmvConfig, mesh) -> None:
     check_model(config, mesh)
 
 
-def _batch_sharding(mesh, ndim: int, axis: int = 0) -> NamedSharding:
+def batch_sharding(mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    """Arrays of `ndim` dims split by row (their `axis`) over the data axes of `mesh`."""
     return NamedSharding(mesh, P(*[BATCH if d == axis else None for d in range(ndim)]))
 
 
-def _place_state(state: dict, mesh) -> dict:
-    """The decode state on the mesh: per-row arrays split by row over the data axes, caches also by KV head over
-    `tensor` (`kv_cache.CACHE_AXES`), scalars and the key replicated."""
+def state_shardings(state: dict, mesh) -> dict:
+    """Where the decode state (arrays or their shapes) lives on the mesh: per-row arrays split by row over the data
+    axes, caches also by KV head over `tensor` (`kv_cache.CACHE_AXES`), scalars and the key replicated."""
     def one(path, x):
         name = str(getattr(path[0], "key", ""))
         if name == "kv":
             return NamedSharding(mesh, spec(CACHE_AXES))
         if name == "rng" or np.ndim(x) == 0:
             return NamedSharding(mesh, P())
-        return _batch_sharding(mesh, np.ndim(x))
-    return jax.device_put(state, jax.tree_util.tree_map_with_path(one, state))
+        return batch_sharding(mesh, np.ndim(x))
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _place_state(state: dict, mesh) -> dict:
+    return jax.device_put(state, state_shardings(state, mesh))
 
 
 @jax.jit
-def _expand(logits, kv, index):
+def expand_prefix(logits, kv, index):
     """Each prompt's last logits and caches repeated to its rows (`index` (rows,): the prompt of each decode row):
     the prefix sharing of `sample(group_size=G)`, on device."""
     prompts = logits.shape[0]
@@ -232,7 +237,7 @@ def _expand(logits, kv, index):
     return constrain(jnp.take(logits, index, axis=0), ("batch", None)), kv
 
 
-def _prompt_rows(config: GlmvConfig, sampling: SamplingConfig, ids, mask, types, extra: int):
+def prompt_rows(config: GlmvConfig, sampling: SamplingConfig, ids, mask, types, extra: int):
     """Left-pad the (checked) prompts to their length bucket and add `extra` dummy rows (one real pad token, text
     only) so the rows divide the mesh's data axes. Returns (ids, mask, types, length, cache_size)."""
     b, t = ids.shape
@@ -280,7 +285,7 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
         check_mesh(config, mesh)
         dp = axis_size(mesh, BATCH)
     extra = round_up(prompts, dp) - prompts
-    ids, mask, types, length, cache_size = _prompt_rows(config, sampling, ids, mask, types, extra)
+    ids, mask, types, length, cache_size = prompt_rows(config, sampling, ids, mask, types, extra)
     pixel_values, image_grid = pad_visual(pixel_values, image_grid, config.vision)
     pixel_values_videos, video_grid = pad_visual(pixel_values_videos, video_grid, config.vision)
     positions, _ = rope.get_rope_index(config, ids, image_grid_thw=image_grid, video_grid_thw=video_grid,
@@ -293,14 +298,14 @@ def sample(params, config: GlmvConfig, input_ids, *, sampling: SamplingConfig, a
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         args = (ids, mask, types, positions)
         if mesh is not None:
-            args = tuple(jax.device_put(x, _batch_sharding(mesh, x.ndim, axis=x.ndim - 2)) for x in args)
+            args = tuple(jax.device_put(x, batch_sharding(mesh, x.ndim, axis=x.ndim - 2)) for x in args)
         logits, kv = prefill(weights, config, *args, pixel_values, image_grid, pixel_values_videos, video_grid,
                              cache_size=cache_size, split=mesh is not None)
         segment, next_pos = jnp.pad(args[1], [(0, 0), (0, cache_size - length)]), jnp.max(args[3], axis=(0, 2)) + 1
         if index is not None:
-            logits, kv = _expand(logits, kv, index)
+            logits, kv = expand_prefix(logits, kv, index)
             segment, next_pos = segment[index], next_pos[index]
-        state = _initial_state(logits, kv, segment, next_pos, length, seed, sampling)
+        state = initial_state(logits, kv, segment, next_pos, length, seed, sampling)
         if mesh is not None:
             state = _place_state(state, mesh)
         state = _decode_loop(weights, config, state, sampling, steps_per_call, on_tokens, rows_out)
@@ -315,7 +320,8 @@ def _first_rows(arrays: tuple, rows: int) -> tuple:
     return tuple(constrain(x[:rows], (None,) * x.ndim) for x in arrays)
 
 
-def _initial_state(logits, kv, segment, next_pos, length: int, seed: int, sampling: SamplingConfig) -> dict:
+def initial_state(logits, kv, segment, next_pos, length: int, seed: int, sampling: SamplingConfig) -> dict:
+    """The decode state before its first step: prefill logits (B, V), caches, valid slots (B, S), next positions."""
     b, n = logits.shape[0], sampling.max_new_tokens
     return {
         "logits": logits, "kv": kv, "rng": jax.random.key(seed), "cache_segment": segment,

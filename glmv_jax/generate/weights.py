@@ -12,6 +12,8 @@ splits them (a fused qkv would concatenate differently sharded heads).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -75,7 +77,7 @@ def prepare(params: dict, *, donate: bool = False, mesh=None, config=None, dtype
     """
     if is_prepared(params):
         return params
-    fuse = mesh is None or mesh.shape["tensor"] == 1
+    fuse = _fuses(mesh)
     stacked, rest = params["decoder"]["layers"], _without_stack(params)
     cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))  # noqa: E731
     if mesh is None:
@@ -93,6 +95,19 @@ def prepare(params: dict, *, donate: bool = False, mesh=None, config=None, dtype
         for x in jax.tree.leaves(stacked):
             x.delete()
     return {**rest, "decoder": {**rest["decoder"], "layers": layers}}
+
+
+def prepared_shapes(abstract_params: dict, *, mesh, config, dtype=None) -> dict:
+    """ShapeDtypeStructs, with their shardings, of `prepare(params, mesh=mesh, config=config, dtype=dtype)` for
+    the abstract `params` (no array allocated: `glmv plan`)."""
+    shapes = jax.eval_shape(functools.partial(prepare, mesh=mesh, config=config, dtype=dtype), abstract_params)
+    shardings = inference_shardings(config, mesh, fuse=_fuses(mesh))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _fuses(mesh) -> bool:
+    """Whether q, k and v are fused: not when `tensor` splits their heads differently."""
+    return mesh is None or mesh.shape["tensor"] == 1
 
 
 def _without_stack(tree: dict) -> dict:

@@ -112,6 +112,16 @@ def check_rl_mesh(mesh, model, rl: RLConfig) -> None:
                           f"mini-batches must give a multiple of data x fsdp = {dp} rows each")
 
 
+def policy_update(cfg: TrainConfig, model, layout: setup.StateLayout, mesh) -> rlcs.PolicyUpdate:
+    """The run's GRPO update on `mesh`, sharded as the trainer's step (its state layout, remat, scan and attention
+    choices, compute dtype); `glmv plan` compiles the same."""
+    options = dict(remat_policy=cfg.train.remat_policy, scan_layers=cfg.train.scan_layers,
+                   attention_impl=cfg.train.attention_impl)
+    return rlcs.make_policy_step(model, layout.tx, cfg.rl, setup.compute_dtype_of(cfg), mesh=mesh,
+                                 model_options=options,
+                                 state_shardings={k: layout.shardings[k] for k in ("step", "params", "opt_state")})
+
+
 def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) RLCS iterations; returns the last metrics (with eval_reward)."""
     rl: RLConfig = cfg.rl
@@ -155,10 +165,7 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     done = int(saved["iteration"]) if resuming else 0
     if main:
         setup.write_run_files(workdir, cfg, model)
-    options = dict(remat_policy=cfg.train.remat_policy, scan_layers=cfg.train.scan_layers,
-                   attention_impl=cfg.train.attention_impl)
-    step_fn = rlcs.make_policy_step(model, layout.tx, rl, setup.compute_dtype_of(cfg), mesh=mesh, model_options=options,
-                                    state_shardings={k: layout.shardings[k] for k in ("step", "params", "opt_state")})
+    step_fn = policy_update(cfg, model, layout, mesh)
     policy = lambda params: prepare(params, mesh=mesh, config=model, dtype=step_fn.compute_dtype)  # noqa: E731
     reference = None
     # The policy at the start of the RL run: the log-probs the KL term compares against, and without that term
@@ -238,4 +245,5 @@ def finished_iterations(workdir: str | os.PathLike) -> int:
         return int((checkpointer.restore_loop_state() or {}).get("iteration", 0))
 
 
-__all__ = ["SyntheticPool", "finished_iterations", "held_out_examples", "offline_pass_rates", "train_rl"]
+__all__ = ["SyntheticPool", "finished_iterations", "held_out_examples", "offline_pass_rates", "policy_update",
+           "train_rl"]

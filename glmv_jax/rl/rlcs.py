@@ -269,8 +269,12 @@ class PolicyUpdate:
         if self.mesh is None:
             return batch
         placed = {k: v for k, v in batch.items() if v is not None}
-        specs = {k: self.SPECS.get(k, (None,) * np.ndim(v)) for k, v in placed.items()}
-        return {**batch, **shard_batch(placed, self.mesh, specs)}
+        return {**batch, **shard_batch(placed, self.mesh, self.specs(placed))}
+
+    @classmethod
+    def specs(cls, batch: dict) -> dict:
+        """Logical axes of each array (or shape) of `batch`: per-row arrays by row, visual inputs replicated."""
+        return {k: cls.SPECS.get(k, (None,) * np.ndim(v)) for k, v in batch.items()}
 
     def __call__(self, state: dict, batch: dict):
         with self.scope():
@@ -280,6 +284,13 @@ class PolicyUpdate:
         """Teacher-forced log p(targets) (S, T) of a host batch under `params`, as numpy (on every process)."""
         with self.scope():
             return np.asarray(self._log_probs(params, self.place(batch)))
+
+    def lower(self, state: dict, batch: dict) -> dict:
+        """The update and the log-prob forward lowered for abstract `state` and `batch` (ShapeDtypeStructs with
+        their shardings; `glmv plan`): {"update": ..., "log_probs": ...}."""
+        with self.scope():
+            return {"update": self._step.lower(state, batch),
+                    "log_probs": self._log_probs.lower(state["params"], batch)}
 
 
 def on_policy_gap(step_fn, params, batches: Sequence[dict]) -> dict:

@@ -47,6 +47,8 @@ class Plan:
     accumulate: int = 1      # micro-batches per step (optimizer.accumulate)
     bytes_accumulation: float = 0.0  # the f32 gradient sum of accumulation, per device (inside bytes_temp)
     setting: str = ""        # remat, dtypes, visual shapes: what was compiled, in words
+    parts: tuple = ()        # (label, bytes per device) rows between the optimizer state and the total, when set
+    total_label: str = "total (XLA: arguments + outputs - aliased + temporaries)"
 
     @property
     def devices(self) -> int:
@@ -163,10 +165,11 @@ def report(p: Plan) -> str:
         "| per device | GB |", "|---|---|",
         f"| params (f32 master) | {p.bytes_params / gb:.2f} |",
         f"| optimizer state | {p.bytes_opt_state / gb:.2f} |",
-        *([f"| accumulation buffer (f32 gradient sum, kept across the micro-batches) | "
-           f"{p.bytes_accumulation / gb:.2f} |"] if p.accumulate > 1 else []),
-        f"| activations + temporaries (XLA) | {p.bytes_temp / gb:.2f} |",
-        f"| total (XLA: arguments + outputs - aliased + temporaries) | {p.bytes_total / gb:.2f} |",
+        *(f"| {label} | {size / gb:.2f} |" for label, size in p.parts or (
+            *([("accumulation buffer (f32 gradient sum, kept across the micro-batches)", p.bytes_accumulation)]
+              if p.accumulate > 1 else []),
+            ("activations + temporaries (XLA)", p.bytes_temp))),
+        f"| {p.total_label} | {p.bytes_total / gb:.2f} |",
         "",
         f"FLOPs per step: {p.flops_model:.3e} (model, whole mesh; {p.flops_model / p.devices:.3e} per device). "
         f"XLA's own count, {p.flops_xla:.3e} per device, sees each scanned layer body once.",
@@ -268,7 +271,7 @@ def plan_run(cfg, devices: int, hosts: int = 1, model=None) -> Plan:
             programs = [(fn.micro.lower(acc, step_state["params"], batch).compile(), opt_bytes),
                         (fn.apply.lower(step_state, acc).compile(), 0.0)]
     compile_s = time.perf_counter() - start
-    peaks = [_total(compiled.memory_analysis()) + resident for compiled, resident in programs]
+    peaks = [program_bytes(compiled.memory_analysis()) + resident for compiled, resident in programs]
     compiled = programs[int(np.argmax(peaks))][0]
     temp = float(compiled.memory_analysis().temp_size_in_bytes)
     cost = programs[0][0].cost_analysis()
@@ -289,7 +292,7 @@ def plan_run(cfg, devices: int, hosts: int = 1, model=None) -> Plan:
                 per_device_bytes(acc["grads"], layout.param_shardings) if accumulate > 1 else 0.0, setting)
 
 
-def _total(memory) -> float:
+def program_bytes(memory) -> float:
     """Bytes a compiled program needs on a device: arguments + outputs - aliased + temporaries."""
     return float(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                  + memory.temp_size_in_bytes)
