@@ -23,64 +23,16 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(path: str, dtype: str, mesh=None):
-    """(config, params) from an HF folder (safetensors) or an orbax folder written by `glmv convert`; with a
-    `mesh`, read straight into the model's shardings on it (each device reads only its block)."""
-    from pathlib import Path
-
-    from glmv_jax.checkpoint import convert, hf
-
-    if (Path(path) / convert.PARAMS_DIR).is_dir():
-        shardings = None
-        if mesh is not None:
-            from glmv_jax.model.glmv import check_model, param_shardings
-
-            config = convert.read_orbax_config(path)
-            check_model(config, mesh)
-            shardings = param_shardings(config, mesh)
-        return convert.load_orbax_params(path, dtype=dtype, shardings=shardings)
-    return hf.load_hf_checkpoint(path, dtype=dtype, mesh=mesh)
-
-
-def read_video(path: str, fps: float | None):
-    """A video as (frames (F, H, W, 3) uint8, fps): a folder of frame images sorted by name (at `fps`,
-    default 2) or an animated GIF/WebP/TIFF (fps from its frame duration unless given)."""
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image, ImageSequence
-
-    from glmv_jax.data.processor import ProcessorError, load_image
-
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-        if not files:
-            raise ProcessorError(f"{p}: no frame images (png/jpg/webp/bmp) in this folder")
-        frames = [np.asarray(load_image(f)) for f in files]
-        return np.stack(frames), fps or 2.0
-    if not p.is_file():
-        raise ProcessorError(f"video file not found: {p}")
-    try:
-        with Image.open(p) as clip:
-            frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(clip)]
-            duration_ms = clip.info.get("duration") or 500
-    except Exception as e:  # PIL decoders raise OSError, SyntaxError, ValueError, EOFError...
-        raise ProcessorError(f"cannot decode video file {p}: {type(e).__name__}: {e}") from e
-    if len({f.shape for f in frames}) != 1:
-        raise ProcessorError(f"{p}: frames of different sizes")
-    return np.stack(frames), fps or 1000.0 / duration_ms
-
-
 def _model_and_tokenizer(args: argparse.Namespace, mesh=None):
     """(config, params, tokenizer) of `--model` (and `--tokenizer`), in `--dtype` (default: float32 on CPU,
     bfloat16 on accelerators), on `mesh` if given; the tokenizer's special ids checked against the config's."""
     import jax
 
+    from glmv_jax.checkpoint.convert import load_folder
     from glmv_jax.data.tokenizer import Tokenizer, check_ids
 
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    config, params = load_model(args.model, dtype, mesh)
+    config, params = load_folder(args.model, dtype=dtype, mesh=mesh)
     tokenizer = Tokenizer.from_file(args.tokenizer or args.model)
     check_ids(tokenizer, {name: getattr(config, name) for name in (
         "image_token_id", "image_start_token_id", "image_end_token_id", "video_start_token_id",
@@ -109,7 +61,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from glmv_jax.data import chat
     from glmv_jax.data.processor import ImageProcessor, VideoProcessor
-    from glmv_jax.data.video import is_video_file, process_video_file
+    from glmv_jax.data.video import is_video_file, process_video_file, read_frames
     from glmv_jax.generate.sampler import SamplingConfig, sample
     from glmv_jax.generate.weights import prepare
 
@@ -124,7 +76,7 @@ def _generate(args: argparse.Namespace) -> int:
         if is_video_file(args.video):  # mp4/webm/mov/mkv/avi through PyAV, sampled as the reference does
             video = process_video_file(args.video, VideoProcessor())
         else:
-            frames, fps = read_video(args.video, args.video_fps)
+            frames, fps = read_frames(args.video, args.video_fps)
             video = VideoProcessor()(frames, video_fps=fps)
         content.append({"type": "video"})
         extra.update(pixel_values_videos=video["pixel_values_videos"], video_grid_thw=video["video_grid_thw"])

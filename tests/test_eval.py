@@ -14,6 +14,7 @@ from test_cli_generate import model_dir  # noqa: F401  (the tiny model folder + 
 from video_files import write_video
 
 from glmv_jax import benchmark, cli, evaluate
+from glmv_jax.checkpoint import convert
 from glmv_jax.errors import InputError
 
 LINES = [dict(id="c1", domain="counting", answer=2, question="how many red squares", image="small.png"),
@@ -78,7 +79,7 @@ def test_eval_on_a_mesh_gives_the_single_device_answers(model_dir, bench, capsys
                      "--mesh", "data=2,tensor=2", "--out", str(out), *FLAGS])
     assert code == 0, capsys.readouterr().err
     on_mesh = {a["prompt_id"]: a["tokens"] for a in map(json.loads, out.read_text().splitlines())}
-    config, params = cli.load_model(str(folder), "float32")
+    config, params = convert.load_folder(folder, dtype="float32")
     prompts = benchmark.encode_prompts(benchmark.load_benchmark(bench / "bench.jsonl"), tokenizer, config)
     _, answers = evaluate.run(params, config, tokenizer, prompts,
                               evaluate.EvalSettings(max_new_tokens=10, thinking_budget=4, batch=4))

@@ -67,12 +67,18 @@ def read_orbax_config(path: str | os.PathLike) -> GlmvConfig:
     return from_hf_dict(json.loads((path / CONFIG_FILE).read_text()))
 
 
-def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32", shardings=None) -> tuple[GlmvConfig, dict]:
+def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32", mesh=None,
+                      shardings=None) -> tuple[GlmvConfig, dict]:
     """Read a folder written by `save_orbax_params` into (config, params), every leaf a jax array in `dtype`,
-    restored straight into `shardings` (a params tree of shardings, e.g. a run's `param_shardings`; default:
-    the default device): each process reads only the blocks its devices hold."""
+    restored straight into `shardings` (a params tree of shardings, e.g. a run's `param_shardings`), or those of
+    `model.glmv.param_shardings(config, mesh)` with a `mesh`, or the default device: each process reads only the
+    blocks its devices hold (as `hf.load_hf_checkpoint`)."""
     path = Path(path).resolve()
     config = read_orbax_config(path)
+    if shardings is None and mesh is not None:
+        from glmv_jax.model.glmv import check_model, param_shardings
+        check_model(config, mesh)
+        shardings = param_shardings(config, mesh)
     target = abstract_params(config, dtype, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         # Compare trees before reading any array: orbax's own mismatch error comes mid-read, for one
@@ -83,6 +89,13 @@ def load_orbax_params(path: str | os.PathLike, *, dtype: Any = "float32", shardi
             raise CheckpointError(f"{path / PARAMS_DIR} does not match {path / CONFIG_FILE}: {shown}")
         params = checkpointer.restore(path / PARAMS_DIR, target)
     return config, params
+
+
+def load_folder(path: str | os.PathLike, *, dtype: Any = "float32", mesh=None) -> tuple[GlmvConfig, dict]:
+    """(config, params) of an orbax folder (config.json + params/, `save_orbax_params`) or an HF folder
+    (config.json + safetensors), in `dtype`, on `mesh` if given (each device reads only its block)."""
+    loader = load_orbax_params if (Path(path) / PARAMS_DIR).is_dir() else load_hf_checkpoint
+    return loader(path, dtype=dtype, mesh=mesh)
 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = "float32") -> None:

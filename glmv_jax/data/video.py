@@ -4,7 +4,8 @@
 (sampled frames as PIL images, their frame indices, the source fps), which `VideoProcessor` takes:
 `VideoProcessor()(clip.frames, video_fps=clip.fps, frame_indices=clip.frame_indices)`;
 `process_video_file(path, processor)` does both with one processor (its fps and max_duration
-sample), resizing each frame as it is decoded.
+sample), resizing each frame as it is decoded. `read_frames(path, fps)` reads what is not a video file: a
+folder of frame images or an animated GIF/WebP/TIFF.
 
 What the reference does (transformers 5.x `Glm4vVideoProcessor.sample_frames` on the metadata of
 `video_utils.read_video_pyav`, the PyAV reader of `load_video`):
@@ -54,9 +55,9 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageSequence
 
-from glmv_jax.data.processor import VideoProcessor, resize_bicubic, smart_resize
+from glmv_jax.data.processor import ProcessorError, VideoProcessor, load_image, resize_bicubic, smart_resize
 from glmv_jax.errors import DataError
 
 # File suffixes to send here rather than to the frame-folder / animated-image reader.
@@ -131,6 +132,28 @@ def read_video_file(path, sampler: VideoProcessor | None = None,
     images = {id(a): Image.fromarray(a) for a in frames}  # a repeated frame stays one image
     return VideoClip(path=str(path), frames=[images[id(a)] for a in frames], frame_indices=indices,
                      fps=float(header.rate), total_frames=header.total_frames, duration=header.duration)
+
+
+def read_frames(path, fps: float | None = None) -> tuple[np.ndarray, float]:
+    """A video that is not a video file, as (frames (F, H, W, 3) uint8, fps): a folder of frame images sorted by
+    name (at `fps`, default 2) or an animated GIF/WebP/TIFF (fps from its frame duration unless given)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise ProcessorError(f"{p}: no frame images (png/jpg/webp/bmp) in this folder")
+        return np.stack([np.asarray(load_image(f)) for f in files]), fps or 2.0
+    if not p.is_file():
+        raise ProcessorError(f"video file not found: {p}")
+    try:
+        with Image.open(p) as clip:
+            frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(clip)]
+            duration_ms = clip.info.get("duration") or 500
+    except Exception as e:  # PIL decoders raise OSError, SyntaxError, ValueError, EOFError...
+        raise ProcessorError(f"cannot decode video file {p}: {type(e).__name__}: {e}") from e
+    if len({f.shape for f in frames}) != 1:
+        raise ProcessorError(f"{p}: frames of different sizes")
+    return np.stack(frames), fps or 1000.0 / duration_ms
 
 
 def process_video_file(path, processor: VideoProcessor | None = None,

@@ -37,6 +37,7 @@ from glmv_jax.generate.weights import prepare
 from glmv_jax.rl import rewards, rlcs
 from glmv_jax.rl.config import RLConfig
 from glmv_jax.rl.curriculum import Curriculum
+from glmv_jax.rl.prompts import JsonlPromptPool, Prompts, make_prompts
 from glmv_jax.data import sources as sources_lib
 from glmv_jax.train import distributed, setup
 from glmv_jax.train.config import TrainConfig
@@ -70,13 +71,11 @@ def prompt_pool(cfg: TrainConfig) -> tuple[Any, list[dict]]:
         return SyntheticPool(rl.prompt_pool, cfg.data.seed, cfg.data.domains, cfg.data.level), held_out_examples(cfg)
     if cfg.data.source != "jsonl":
         raise ConfigError(f"RL prompts come from data.source synthetic or jsonl, not {cfg.data.source}")
-    from glmv_jax.rl.prompts import JsonlPromptPool
-
     pool = JsonlPromptPool(cfg.data.path, cfg.data.image_root, held_out=rl.eval_prompts)
     return pool, pool.held_out_examples() or [pool[i] for i in range(min(rl.eval_prompts, len(pool)))]
 
 
-def offline_pass_rates(params, model, prompts: rlcs.Prompts, cfg: RLConfig, tokenizer, k: int,
+def offline_pass_rates(params, model, prompts: Prompts, cfg: RLConfig, tokenizer, k: int,
                        batch: int = 64, mesh=None) -> list[float]:
     """Share of k sampled answers with reward > 0.5, per prompt (the curriculum's offline pass@k). Each prompt's
     vision tower and prefill run once for its k answers (`rlcs.rollout(group_size=k)`)."""
@@ -180,7 +179,7 @@ def train_rl(cfg: TrainConfig, workdir: str | os.PathLike) -> dict[str, Any]:
     writer = MetricsWriter(workdir, resume_step=done, enabled=main)   # records are keyed by iteration; process 0
     if curriculum is None:
         if rl.offline_k:
-            pool_prompts = rlcs.make_prompts([pool[i] for i in range(len(pool))], tokenizer, processor,
+            pool_prompts = make_prompts([pool[i] for i in range(len(pool))], tokenizer, processor,
                                              tokenizer.eos_ids[0])
             rates = offline_pass_rates(policy(state["params"]), model, pool_prompts, rl, tokenizer, k=rl.offline_k,
                                        mesh=mesh)

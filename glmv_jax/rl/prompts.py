@@ -1,4 +1,9 @@
-"""RL prompts from the user's data (`data.source: jsonl` in a config with an `rl:` section).
+"""RL prompts: the user's prompt pool and the encoded prompt batch a rollout reads.
+
+`make_prompts(examples, tokenizer, processor, pad_id) -> Prompts`: examples (synthetic or the pool's) chat-encoded
+with the generation prompt, left-padded to a bucket, their images processed; `Prompts.rows(index)` the model inputs.
+
+The pool from the user's data (`data.source: jsonl` in a config with an `rl:` section):
 
 One JSON object per line:
 
@@ -15,11 +20,19 @@ question or an answer, or names a domain without a verifier is a `DataError` nam
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
+
+from glmv_jax.data import chat
+from glmv_jax.data.processor import ImageProcessor
 from glmv_jax.data.sources import JsonlSource
+from glmv_jax.data.synthetic import messages
 from glmv_jax.errors import DataError
 from glmv_jax.rl import rewards
+from glmv_jax.shapes import bucket
 
 
 class JsonlPromptPool:
@@ -84,4 +97,52 @@ def _example(record: dict) -> dict:
             "question": record.get("question", ""), "answer": record["answer"], "ground_truth": record["answer"]}
 
 
-__all__ = ["JsonlPromptPool", "check_line"]
+# ------------------------------------------------------------------------ encoded for rollouts
+@dataclasses.dataclass
+class Prompts:
+    """Left-padded prompts (P, T) with their images, one list of pixel rows per prompt."""
+
+    examples: list[dict]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_types: np.ndarray
+    pixels: list[np.ndarray]
+    grids: list[np.ndarray]
+
+    def rows(self, index: Sequence[int]) -> dict[str, np.ndarray | None]:
+        """The model inputs of prompt rows `index` (repeats allowed), images in row order."""
+        index = list(index)
+        pixels = [self.pixels[i] for i in index if len(self.pixels[i])]
+        grids = [self.grids[i] for i in index if len(self.grids[i])]
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                "mm_token_type_ids": self.token_types[index],
+                "pixel_values": np.concatenate(pixels) if pixels else None,
+                "image_grid_thw": np.concatenate(grids).astype(np.int32) if grids else None}
+
+
+def make_prompts(examples: list[dict], tokenizer, processor: ImageProcessor, pad_id: int) -> Prompts:
+    """Chat-encode each example's images and question with the generation prompt, left-pad to a bucket. An example
+    is a synthetic one (`image`, `question`) or a user's (`images`, `messages`: `rl.prompts.JsonlPromptPool`)."""
+    encoded, pixels, grids = [], [], []
+    for ex in examples:
+        images = ex["images"] if "images" in ex else [ex["image"]]
+        image = processor(images) if images else {"pixel_values": np.zeros((0, 1), np.float32),
+                                                  "image_grid_thw": np.zeros((0, 3), np.int32)}
+        chat_messages = ex.get("messages") or messages(ex, with_target=False)
+        enc = chat.encode(chat_messages, tokenizer, image_grids=image["image_grid_thw"] if images else None)
+        encoded.append(enc)
+        pixels.append(image["pixel_values"])
+        grids.append(image["image_grid_thw"])
+    length = bucket(max(len(e["input_ids"]) for e in encoded), minimum=32)
+    ids = np.full((len(examples), length), pad_id, np.int32)
+    mask = np.zeros_like(ids)
+    types = np.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[row, length - n:] = e["input_ids"]
+        mask[row, length - n:] = 1
+        types[row, length - n:] = e["mm_token_type_ids"]
+    return Prompts(examples, ids, mask, types, pixels, grids)
+
+
+__all__ = ["JsonlPromptPool", "Prompts", "check_line", "make_prompts"]
