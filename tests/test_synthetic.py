@@ -242,3 +242,37 @@ def test_corpus_and_tokenizer_round_trip(tmp_path):
     reply = [i for i, m in zip(enc["input_ids"], enc["loss_mask"]) if m]
     assert tok.decode(reply) == ex["target"] + "<|endoftext|>"
     assert sum(enc["mm_token_type_ids"]) == 4
+
+
+# ------------------------------------------------------------------------------------- the easy level
+def test_easy_level_answers_match_the_pixels_and_the_short_thinking():
+    """The demo's level: images 56..112 px; counting answers are the connected blobs of the asked colour in the
+    pixels (at most 4 shapes); the one-sentence thinking names what the image shows and ends at the answer."""
+    for domain in DOMAINS:
+        for seed in range(40):
+            ex = make_example(domain, seed, level="easy")
+            assert set(ex) == KEYS and ex["id"] == f"{domain}-easy-{seed}"
+            assert 56 <= min(ex["image"].size) and max(ex["image"].size) <= synthetic.EASY_SIDE
+            assert ex["target"] == chat.format_answer(ex["thinking"], ex["answer"])
+            assert ex["thinking"].count("\n") == 1 and ex["caption"] not in ex["thinking"]
+            px = _pixels(ex)
+            if domain == "counting":
+                color = re.match(r"The (\w+) shapes: ", ex["thinking"]).group(1)
+                assert ex["ground_truth"] == _components(_color_mask(px, color)) <= 3
+                assert sum(_components(_color_mask(px, c)) for c in COLORS) <= 4
+                assert ex["thinking"].endswith(f"That makes {ex['ground_truth']}.\n")
+            elif domain == "arithmetic":
+                a, op, b, value = re.fullmatch(r"(\d) ([+-]) (\d) = (\d+)\.\n", ex["thinking"]).groups()
+                assert int(value) == ex["ground_truth"] == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+                assert f"{a} {op} {b}" in ex["caption"]
+            elif domain == "ocr":
+                assert re.fullmatch(r"[A-Z]{1,2}", ex["answer"]) and f'"{ex["answer"]}"' in ex["thinking"]
+            else:
+                color, shape = re.match(r"The (\w+) (\w+) is at the ", ex["thinking"]).groups()
+                x1, y1, x2, y2 = ex["ground_truth"]
+                ys, xs = np.nonzero(_color_mask(px, color))
+                w, h = ex["image"].size
+                assert x1 <= xs.min() * 1000 / w and (xs.max() + 1) * 1000 / w <= x2
+                assert y1 <= ys.min() * 1000 / h and (ys.max() + 1) * 1000 / h <= y2
+    with pytest.raises(ValueError, match="level"):
+        make_example("ocr", 0, level="hard")

@@ -250,6 +250,9 @@ def _grounding(rng: random.Random) -> dict:
 
 
 # ------------------------------------------------------------------------------ the easy level (demo)
+# The thinking is one short sentence stating what the image shows (the asked shapes, the expression and its
+# value, the text, where the shape is), then the answer: replies of 17-33 tokens, so that SFT, rollouts and the
+# evaluation stay cheap; the caption (what pretraining teaches) stays in the example's ``caption``.
 EASY_SIDE = 112        # easy images are drawn at 56..112 px, the size the demo shows them: nothing is shrunk
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 
@@ -266,8 +269,7 @@ def _easy_counting(rng: random.Random) -> dict:
     img, bg, objects = draw_objects(rng, kinds, big=True, max_side=EASY_SIDE)
     noun = f"{color} shapes"
     hits = sorted((o for o in objects if o["color"] == color), key=lambda o: _reading_order(o["box"], img.height))
-    seen = "; ".join(f"{_a(o['color'] + ' ' + o['shape'])} at the {_where(o['box'], *img.size)}" for o in hits)
-    thinking = f"I need to count the {noun}. I see {seen or 'none'}. That makes {k}.\n"
+    thinking = f"The {noun}: {_join([_a(o['shape']) for o in hits]) or 'none'}. That makes {k}.\n"
     return {"image": img, "question": rng.choice((f"How many {noun} are there in the image?",
                                                   f"Count the {noun} in the picture.")),
             "caption": _scene_caption(bg, objects), "thinking": thinking, "answer": str(k), "ground_truth": k,
@@ -284,7 +286,7 @@ def _easy_arithmetic(rng: random.Random) -> dict:
     img, bg, ink = render_expression(rng, [a, b], [op], False, sizes=(24, 36), max_side=EASY_SIDE)
     return {"image": img, "question": "What is the value of the expression in the image?",
             "caption": f"The expression {a} {op} {b} written in {ink} on a {bg} background.",
-            "thinking": f"The image shows {a} {op} {b}. {a} {_OP_WORDS[op]} {b} is {value}.\n", "answer": str(value),
+            "thinking": f"{a} {op} {b} = {value}.\n", "answer": str(value),
             "ground_truth": value, "difficulty_hint": 2}
 
 
@@ -298,7 +300,7 @@ def _easy_ocr(rng: random.Random) -> dict:
     img.paste(INKS[ink], (rng.randint(4, w - mask.width - 4), rng.randint(4, h - mask.height - 4)), mask)
     return {"image": img, "question": "What text is written in the image?",
             "caption": f"The letters \"{text}\" in {ink} on a {bg} background.",
-            "thinking": f"There {'is one letter' if len(text) == 1 else 'are two letters'}: {'-'.join(text)}.\n",
+            "thinking": f"The text is \"{text}\".\n",
             "answer": text, "ground_truth": text, "difficulty_hint": len(text)}
 
 
@@ -312,8 +314,7 @@ def _easy_grounding(rng: random.Random) -> dict:
     return {"image": img, "question": f"Where is the {color} {shape}? Answer with its bounding box [x1,y1,x2,y2] on "
                                       "a 0-1000 scale.",
             "caption": _scene_caption(bg, objects),
-            "thinking": f"The {color} {shape} is at the {_where(objects[0]['box'], *img.size)}: left {box[0]}, top "
-                        f"{box[1]}, right {box[2]}, bottom {box[3]}.\n",
+            "thinking": f"The {color} {shape} is at the {_where(objects[0]['box'], *img.size)}.\n",
             "answer": "[" + ",".join(map(str, box)) + "]", "ground_truth": box, "difficulty_hint": len(objects)}
 
 
@@ -338,9 +339,8 @@ def make_example(domain: str, seed: int, level: str = "standard") -> dict:
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
     ex = (_EASY if level == "easy" else _FAMILIES)[domain](_rng(domain, seed))
-    if level == "easy":   # describe, then reason: the thinking opens with the caption pretraining taught
-        ex["thinking"] = ex["caption"] + "\n" + ex["thinking"]
-    return {"id": f"{domain}-{int(seed)}" if level == "standard" else f"{domain}-{level}-{int(seed)}", "domain": domain, "image": ex["image"], "question": ex["question"],
+    name = f"{domain}-{int(seed)}" if level == "standard" else f"{domain}-{level}-{int(seed)}"
+    return {"id": name, "domain": domain, "image": ex["image"], "question": ex["question"],
             "caption": ex["caption"], "thinking": ex["thinking"], "answer": ex["answer"],
             "target": format_answer(ex["thinking"], ex["answer"]), "ground_truth": ex["ground_truth"],
             "difficulty_hint": int(ex["difficulty_hint"])}
