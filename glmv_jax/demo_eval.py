@@ -43,8 +43,7 @@ def caption_nll(params, model, tokenizer, processor, examples: list[dict], batch
 
     from glmv_jax.data import chat
     from glmv_jax.data.visual_layout import pad_visual
-    from glmv_jax.model.glmv import apply, token_inputs
-    from glmv_jax.ops.logprobs import token_log_probs
+    from glmv_jax.evaluate import token_nll
 
     out = []
     for start in range(0, len(examples), batch):
@@ -64,9 +63,8 @@ def caption_nll(params, model, tokenizer, processor, examples: list[dict], batch
         pixels, grid = pad_visual(np.concatenate([im["pixel_values"] for im in images]),
                                   np.concatenate([im["image_grid_thw"] for im in images]).astype(np.int32),
                                   model.vision)
-        tokens = token_inputs(model, jnp.asarray(ids), jnp.asarray(seg), jnp.asarray(types), image_grid_thw=grid)
-        logits = apply(params, model, tokens, {"pixel_values": pixels, "image_grid_thw": grid})
-        nll = -np.asarray(token_log_probs(logits, jnp.asarray(targets)))
+        visual = {"pixel_values": pixels, "image_grid_thw": grid, "video_grid_thw": None}
+        nll = np.asarray(token_nll(params, model, *map(jnp.asarray, (ids, seg, types, targets)), visual))
         out += list((nll * mask).sum(1) / np.maximum(mask.sum(1), 1))
     return np.asarray(out[:len(examples)], np.float64)
 

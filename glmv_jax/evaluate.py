@@ -236,7 +236,7 @@ def write_answers(path: str | Path, answers: Sequence[dict]) -> None:
 
 # ------------------------------------------------------------------------------------ reference NLL
 @functools.partial(jax.jit, static_argnames=("config",))
-def _token_nll(params, config: GlmvConfig, input_ids, segment_ids, token_types, targets, visual):
+def token_nll(params, config: GlmvConfig, input_ids, segment_ids, token_types, targets, visual):
     """-log p(targets) (B, T) teacher-forced through the training forward (`token_inputs` + `apply`)."""
     tokens = token_inputs(config, input_ids, segment_ids, token_types, None, visual["image_grid_thw"],
                           visual["video_grid_thw"])
@@ -268,7 +268,7 @@ def reference_nll(params, config: GlmvConfig, tokenizer, prompts: Sequence[Promp
                                                                       config.vision)
         visual["pixel_values_videos"], visual["video_grid_thw"] = pad_visual(
             media["pixel_values_videos"], media["video_grid_thw"], config.vision)
-        nll = np.asarray(_token_nll(params, config, jnp.asarray(ids), jnp.asarray(segment), jnp.asarray(types),
+        nll = np.asarray(token_nll(params, config, jnp.asarray(ids), jnp.asarray(segment), jnp.asarray(types),
                                     jnp.asarray(targets), visual))
         out += list((nll * mask).sum(axis=1)[:n] / mask.sum(axis=1)[:n])
     return np.asarray(out, np.float64)
@@ -330,5 +330,5 @@ def format_swap(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalSettings", "PASS_REWARD", "evaluate", "flat_metrics", "format_swap", "format_table", "mean_and_se",
+__all__ = ["EvalSettings", "PASS_REWARD", "evaluate", "token_nll", "flat_metrics", "format_swap", "format_table", "mean_and_se",
            "reference_nll", "run", "summarize", "swap_check", "write_answers"]

@@ -247,7 +247,7 @@ def test_corpus_and_tokenizer_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------- the easy level
 def test_easy_level_answers_match_the_pixels_and_the_short_thinking():
     """The demo's level: images 56..112 px; counting answers are the connected blobs of the asked colour in the
-    pixels (at most 4 shapes); the one-sentence thinking names what the image shows and ends at the answer."""
+    pixels (at most 4 shapes); the one-sentence thinking states what the image shows."""
     for domain in DOMAINS:
         for seed in range(40):
             ex = make_example(domain, seed, level="easy")
@@ -257,10 +257,10 @@ def test_easy_level_answers_match_the_pixels_and_the_short_thinking():
             assert ex["thinking"].count("\n") == 1 and ex["caption"] not in ex["thinking"]
             px = _pixels(ex)
             if domain == "counting":
-                color = re.match(r"The (\w+) shapes: ", ex["thinking"]).group(1)
-                assert ex["ground_truth"] == _components(_color_mask(px, color)) <= 3
+                k, color = re.fullmatch(r"I count (\d) (\w+) shapes?\.\n", ex["thinking"]).groups()
+                assert int(k) == ex["ground_truth"] == _components(_color_mask(px, color)) <= 3
                 assert sum(_components(_color_mask(px, c)) for c in COLORS) <= 4
-                assert ex["thinking"].endswith(f"That makes {ex['ground_truth']}.\n")
+                assert f"{color} shapes" in ex["question"]
             elif domain == "arithmetic":
                 a, op, b, value = re.fullmatch(r"(\d) ([+-]) (\d) = (\d+)\.\n", ex["thinking"]).groups()
                 assert int(value) == ex["ground_truth"] == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0

@@ -250,9 +250,11 @@ def _grounding(rng: random.Random) -> dict:
 
 
 # ------------------------------------------------------------------------------ the easy level (demo)
-# The thinking is one short sentence stating what the image shows (the asked shapes, the expression and its
-# value, the text, where the shape is), then the answer: replies of 17-33 tokens, so that SFT, rollouts and the
-# evaluation stay cheap; the caption (what pretraining teaches) stays in the example's ``caption``.
+# The thinking is one short sentence stating what the image shows (the count, the expression and its value, the
+# text, where the shape is), then the answer: replies of 17-33 tokens, so that SFT, rollouts and the evaluation
+# stay cheap; the caption (what pretraining teaches) stays in the example's ``caption``. The counting thinking
+# names no shapes: the demo's model cannot see form, and in RL those sampled names are reward-free noise in the
+# policy gradient (measured in glmv_jax/presets/demo/sft.yaml).
 EASY_SIDE = 112        # easy images are drawn at 56..112 px, the size the demo shows them: nothing is shrunk
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 
@@ -268,8 +270,7 @@ def _easy_counting(rng: random.Random) -> dict:
     rng.shuffle(kinds)
     img, bg, objects = draw_objects(rng, kinds, big=True, max_side=EASY_SIDE)
     noun = f"{color} shapes"
-    hits = sorted((o for o in objects if o["color"] == color), key=lambda o: _reading_order(o["box"], img.height))
-    thinking = f"The {noun}: {_join([_a(o['shape']) for o in hits]) or 'none'}. That makes {k}.\n"
+    thinking = f"I count {k} {color} shape{'' if k == 1 else 's'}.\n"   # no shape names: see the level's note
     return {"image": img, "question": rng.choice((f"How many {noun} are there in the image?",
                                                   f"Count the {noun} in the picture.")),
             "caption": _scene_caption(bg, objects), "thinking": thinking, "answer": str(k), "ground_truth": k,
