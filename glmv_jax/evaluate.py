@@ -330,5 +330,5 @@ def format_swap(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalSettings", "PASS_REWARD", "evaluate", "token_nll", "flat_metrics", "format_swap", "format_table", "mean_and_se",
-           "reference_nll", "run", "summarize", "swap_check", "write_answers"]
+__all__ = ["EvalSettings", "PASS_REWARD", "evaluate", "flat_metrics", "format_swap", "format_table", "mean_and_se",
+           "reference_nll", "run", "summarize", "swap_check", "token_nll", "write_answers"]
