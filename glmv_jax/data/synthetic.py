@@ -251,7 +251,7 @@ def _grounding(rng: random.Random) -> dict:
 
 # ------------------------------------------------------------------------------ the easy level (demo)
 # The thinking is one short sentence stating what the image shows (the count, the expression and its value, the
-# text, where the shape is), then the answer: replies of 17-33 tokens, so that SFT, rollouts and the evaluation
+# text, where the shape is), then the answer: replies of 16-33 tokens, so that SFT, rollouts and the evaluation
 # stay cheap; the caption (what pretraining teaches) stays in the example's ``caption``. The counting thinking
 # names no shapes: the demo's model cannot see form (variants measured in glmv_jax/presets/demo/sft.yaml).
 EASY_SIDE = 112        # easy images are drawn at 56..112 px, the size the demo shows them: nothing is shrunk
