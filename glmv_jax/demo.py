@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from glmv_jax.demo_eval import N_EXAMPLES, SAMPLES   # numpy only: jax is imported when a stage is evaluated
+from glmv_jax.demo_eval import N_EXAMPLES, SAMPLES, paired_gain   # numpy only: jax comes with an evaluation
 
 DEMO_CONFIGS = "presets/demo"   # inside the package (package data, beside the model presets)
 STAGES = (("pretrain", "pretraining", "pretrain.yaml"), ("sft", "SFT", "sft.yaml"), ("rl", "RL", "rl.yaml"))
@@ -165,6 +165,17 @@ def domain_table(evals: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def rl_gain(evals: dict[str, dict]) -> str | None:
+    """RL - SFT on the same held-out prompts (sampled and greedy accuracy, paired standard errors), or None
+    before both stages are evaluated."""
+    if not all("per_prompt" in evals.get(name, {}) for name in ("sft", "rl")):
+        return None
+    parts = []
+    for name, (mean, se) in paired_gain(evals["sft"], evals["rl"]).items():
+        parts.append(f"{name} {mean:+.3f}" + (f" ± {se:.3f} ({mean / se:+.1f} SE)" if se > 0 else " (no spread)"))
+    return "RL - SFT on the same prompts (± paired standard error): " + ", ".join(parts)
+
+
 def summary(result: dict) -> str:
     """One line of a stage's evaluation, for the console."""
     if "caption" in result:
@@ -197,7 +208,8 @@ def write_report(workdir: Path, evals: dict[str, dict], examples: list[dict], ti
               "answer rewarded > 0.5. Image swap: every prompt with the image of another prompt of its domain; a "
               "model that uses its images drops in accuracy and its reference answers' NLL rises. Pretraining never "
               "saw the reply format: its row is the caption NLL per token with the true and with swapped images.",
-              "", "## Held-out results", "", table(evals), "", "Greedy / sampled accuracy by domain:", "",
+              "", "## Held-out results", "", table(evals), "", *([gain, ""] if (gain := rl_gain(evals)) else []),
+              "Greedy / sampled accuracy by domain:", "",
               domain_table(evals), ""]
     lines += ["## Stages", "", "| stage | config | folder | steps | wall time |", "|---|---|---|---:|---:|"]
     for name, label, config in STAGES:
@@ -289,9 +301,12 @@ def run(workdir: str | Path = "runs/demo", fast: bool = False, seed: int = 0) ->
     report = write_report(workdir, evals, examples, timings, configs, fast)
     total = time.perf_counter() - started
     print("\n" + table(evals))
+    if gain := rl_gain(evals):
+        print("\n" + gain)
     print(f"\nglmv demo: report in {report}; total {total:.0f}s "
           f"({', '.join('%s %.0f+%.0fs' % (n, t['train_s'], t['eval_s']) for n, t in timings.items())})")
-    return {"evals": {k: {key: v[key] for key in ("table", "swap", "swap_gap", "caption") if key in v}
+    return {"evals": {k: {key: v[key] for key in ("table", "swap", "swap_gap", "per_prompt", "caption")
+                      if key in v}
                       for k, v in evals.items()}, "timings": timings, "report": str(report),
             "total_s": total}
 
@@ -301,4 +316,5 @@ def main(workdir: str = "runs/demo", fast: bool = False, seed: int = 0) -> int:
     return 0
 
 
-__all__ = ["domain_table", "line_plot", "main", "run", "stage_configs", "summary", "table", "write_report"]
+__all__ = ["domain_table", "line_plot", "main", "rl_gain", "run", "stage_configs", "summary", "table",
+           "write_report"]

@@ -12,7 +12,7 @@ import numpy as np
 from glmv_jax.shapes import bucket
 
 EVAL_FILE = "demo_eval.json"
-VERSION = 2      # the layout of EVAL_FILE (an older file is evaluated again)
+VERSION = 3      # the layout of EVAL_FILE (an older file is evaluated again)
 N_EXAMPLES = 3   # full answers kept for the report (held-out prompts 0..N_EXAMPLES-1)
 SAMPLES = 4      # answers per held-out prompt in the sampled evaluation (at the RL temperature)
 
@@ -77,6 +77,28 @@ def swapped_examples(examples: list[dict]) -> list[dict]:
     return [{**ex, "image": examples[j]["image"]} for ex, j in zip(examples, partners)]
 
 
+def per_prompt_rewards(answers: list[dict], prompt_ids: list[str]) -> dict[str, list[float]]:
+    """{"greedy": (P,) the greedy answer's reward, "sampled": (P,) the mean reward of the sampled answers}, in the
+    order of `prompt_ids` (`evaluate.run`'s answers: sample -1 is the greedy one)."""
+    greedy, sampled = {}, {}
+    for a in answers:
+        if a["sample"] < 0:
+            greedy[a["prompt_id"]] = a["reward"]
+        else:
+            sampled.setdefault(a["prompt_id"], []).append(a["reward"])
+    return {"greedy": [float(greedy[i]) for i in prompt_ids],
+            "sampled": [float(np.mean(sampled[i])) for i in prompt_ids]}
+
+
+def paired_gain(before: dict, after: dict) -> dict[str, tuple[float, float]]:
+    """{"greedy" | "sampled": (mean, standard error) of after - before over the same prompts} of two stages'
+    evaluations (their "per_prompt" rewards): paired, so the error is that of the per-prompt differences."""
+    from glmv_jax.evaluate import mean_and_se
+
+    return {k: mean_and_se(np.asarray(after["per_prompt"][k]) - np.asarray(before["per_prompt"][k]))
+            for k in ("greedy", "sampled")}
+
+
 def evaluate_stage(name: str, folder: Path, rl_cfg, examples: list[dict], step: int | None) -> dict:
     """The held-out evaluation of the stage in `folder`, cached in `folder/demo_eval.json`: through
     `glmv_jax.evaluate` (greedy and sampled accuracy with standard errors, pass@k, the image-swap check), plus
@@ -108,7 +130,8 @@ def evaluate_stage(name: str, folder: Path, rl_cfg, examples: list[dict], step: 
                                                                                      processor), settings)
     swap = evaluate.swap_check(params, model, tokenizer, items, settings, processor, answers=answers)
     gaps = [x["greedy_true"] - x["greedy_swapped"] for x in swap["lines"]]
-    result.update({"table": table, "swap": swap["table"], "swap_gap": evaluate.mean_and_se(gaps)})
+    result.update({"table": table, "swap": swap["table"], "swap_gap": evaluate.mean_and_se(gaps),
+                   "per_prompt": per_prompt_rewards(answers, [ex["id"] for ex in examples])})
     greedy = {a["prompt_id"]: a for a in answers if a["sample"] < 0}
     for i, ex in enumerate(examples[:N_EXAMPLES]):
         a = greedy[ex["id"]]
@@ -119,4 +142,5 @@ def evaluate_stage(name: str, folder: Path, rl_cfg, examples: list[dict], step: 
     return json.loads(cache.read_text())   # as a reused evaluation reads it (pairs as lists)
 
 
-__all__ = ["EVAL_FILE", "N_EXAMPLES", "SAMPLES", "caption_nll", "evaluate_stage", "swapped_examples"]
+__all__ = ["EVAL_FILE", "N_EXAMPLES", "SAMPLES", "caption_nll", "evaluate_stage", "paired_gain", "per_prompt_rewards",
+           "swapped_examples"]

@@ -2,6 +2,7 @@
 second run that reuses every stage."""
 import re
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -9,6 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_fast_and_reuse(tmp_path):
     from glmv_jax import demo
+    from glmv_jax.demo_eval import paired_gain
 
     out = demo.run(tmp_path, fast=True)
     report = (tmp_path / "report.md").read_text()
@@ -39,6 +41,14 @@ def test_demo_fast_and_reuse(tmp_path):
         for key in ("greedy_acc", "sampled_acc", "pass_at_k", "format_ok"):
             assert 0.0 <= row[key] <= 1.0, key
         assert 0.0 <= swap["greedy_acc_swapped"] <= 1.0 and swap["nll_swapped"] > 0
+        per_prompt = out["evals"][stage]["per_prompt"]    # the rewards the paired RL - SFT gain is taken over
+        assert np.mean(per_prompt["greedy"]) == pytest.approx(row["greedy_acc"])
+        assert np.mean(per_prompt["sampled"]) == pytest.approx(row["sampled_acc"])
+    sft, rl = (out["evals"][s]["table"]["overall"] for s in ("sft", "rl"))
+    gain = paired_gain(out["evals"]["sft"], out["evals"]["rl"])
+    for key in ("greedy", "sampled"):
+        assert gain[key][0] == pytest.approx(rl[f"{key}_acc"] - sft[f"{key}_acc"])
+    assert demo.rl_gain(out["evals"]) in report
 
     again = demo.run(tmp_path, fast=True)
     assert all(t["reused"] for t in again["timings"].values())
